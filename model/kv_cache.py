@@ -1,0 +1,81 @@
+"""The preallocated key/value cache.
+
+Layout, for all layers at once (so it scans with the scanned parameters):
+
+    k, v   [L, B, S, K, D]   L layers, B rows, S slots, K kv heads, D head dim
+    valid  [B, S] bool       the slot holds a real token (False: empty or left pad)
+    index  [B] int32         next slot each row writes to
+
+Rows advance independently (each has its own `index`), which is what a batch of
+requests of different lengths needs. Attention over the cache is causal by slot:
+a query written at slot p sees slots <= p that are valid. Positions for RoPE are
+passed separately, so left padding costs slots but not positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from lwm_serve.model.config import ModelConfig
+
+
+@dataclasses.dataclass
+class KVCache:
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+
+jax.tree_util.register_dataclass(
+    KVCache, data_fields=["k", "v", "valid", "index"], meta_fields=[])
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_length: int,
+               dtype: jnp.dtype | str | None = None) -> KVCache:
+    """An empty cache of `max_length` slots per row, in the compute dtype by default."""
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (cfg.num_hidden_layers, batch_size, max_length, cfg.kv_heads, cfg.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        valid=jnp.zeros((batch_size, max_length), jnp.bool_),
+        index=jnp.zeros((batch_size,), jnp.int32),
+    )
+
+
+def write_slots(cache: KVCache, num_new: int) -> jax.Array:
+    """[B, T] slots the next `num_new` tokens of each row go to."""
+    return cache.index[:, None] + jnp.arange(num_new, dtype=jnp.int32)[None, :]
+
+
+def update_layer(k_layer: jax.Array, v_layer: jax.Array, new_k: jax.Array, new_v: jax.Array,
+                 slots: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Write one layer's new keys/values at per-row slots.
+
+    Args:
+      k_layer, v_layer: [B, S, K, D]; new_k, new_v: [B, T, K, D]; slots: [B, T].
+    """
+    rows = jnp.arange(k_layer.shape[0])[:, None]
+    k_layer = k_layer.at[rows, slots].set(new_k.astype(k_layer.dtype), mode="drop")
+    v_layer = v_layer.at[rows, slots].set(new_v.astype(v_layer.dtype), mode="drop")
+    return k_layer, v_layer
+
+
+def advance(cache: KVCache, k: jax.Array, v: jax.Array, slots: jax.Array,
+            token_valid: jax.Array) -> KVCache:
+    """The cache after writing T tokens per row (k, v already updated per layer)."""
+    rows = jnp.arange(cache.valid.shape[0])[:, None]
+    valid = cache.valid.at[rows, slots].set(token_valid, mode="drop")
+    return KVCache(k=k, v=v, valid=valid, index=cache.index + slots.shape[1])

@@ -1,0 +1,120 @@
+"""The parameter tree: names and shapes exactly as the reference's, and random init.
+
+Trees are nested dicts WITHOUT the reference's leading "params" key:
+
+    lm_head/kernel                              [H, V]
+    vision_head/kernel                          [H, VV]
+    transformer/wte/embedding                   [V, H]
+    transformer/vte/embedding                   [VV, H]
+    transformer/ln_f/kernel                     [H]
+    transformer/h/scan_decoder/<layer params>   stacked: layer axis at `param_scan_axis`
+    transformer/h/<i>/<layer params>            per-layer layout (scan_layers=False)
+
+with layer params attention/{wq,wk,wv,wo}/kernel, feed_forward/{w1,w2,w3}/kernel,
+attention_norm/kernel, ffn_norm/kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lwm_serve.model.config import ModelConfig
+
+Path = tuple[str, ...]
+Params = dict[str, Any]
+
+SCAN_KEY = "scan_decoder"
+
+
+def layer_param_shapes(cfg: ModelConfig) -> dict[Path, tuple[int, ...]]:
+    """Shapes of one decoder layer's parameters."""
+    h, m = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.kv_heads * cfg.head_dim
+    return {
+        ("attention", "wq", "kernel"): (h, h),
+        ("attention", "wk", "kernel"): (h, kv),
+        ("attention", "wv", "kernel"): (h, kv),
+        ("attention", "wo", "kernel"): (h, h),
+        ("feed_forward", "w1", "kernel"): (h, m),
+        ("feed_forward", "w2", "kernel"): (m, h),
+        ("feed_forward", "w3", "kernel"): (h, m),
+        ("attention_norm", "kernel"): (h,),
+        ("ffn_norm", "kernel"): (h,),
+    }
+
+
+def param_shapes(cfg: ModelConfig) -> dict[Path, tuple[int, ...]]:
+    """Every parameter's path and shape for this config and layout."""
+    h = cfg.hidden_size
+    shapes: dict[Path, tuple[int, ...]] = {
+        ("transformer", "wte", "embedding"): (cfg.vocab_size, h),
+        ("transformer", "ln_f", "kernel"): (h,),
+    }
+    if not cfg.tie_word_embeddings:
+        shapes[("lm_head", "kernel")] = (h, cfg.vocab_size)
+    if cfg.vision_vocab_size:
+        shapes[("transformer", "vte", "embedding")] = (cfg.vision_vocab_size, h)
+        if not cfg.tie_vision_embeddings:
+            shapes[("vision_head", "kernel")] = (h, cfg.vision_vocab_size)
+    layers = cfg.num_hidden_layers
+    for path, shape in layer_param_shapes(cfg).items():
+        if cfg.scan_layers:
+            stacked = list(shape)
+            stacked.insert(cfg.param_scan_axis, layers)
+            shapes[("transformer", "h", SCAN_KEY, *path)] = tuple(stacked)
+        else:
+            for i in range(layers):
+                shapes[("transformer", "h", str(i), *path)] = shape
+    return shapes
+
+
+def flatten(tree: Params, prefix: Path = ()) -> Iterator[tuple[Path, Any]]:
+    """(path, leaf) pairs of a nested dict, depth first."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from flatten(value, (*prefix, key))
+        else:
+            yield (*prefix, key), value
+
+
+def unflatten(items: dict[Path, Any]) -> Params:
+    tree: Params = {}
+    for path, value in items.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
+    """Random weights as the reference initialises them: normal(0, initializer_range)
+    for matrices and embeddings, ones for the norms. Stored in `cfg.param_dtype`."""
+    shapes = param_shapes(cfg)
+    keys = jax.random.split(key, len(shapes))
+    dtype = jnp.dtype(cfg.param_dtype)
+    items = {}
+    for k, (path, shape) in zip(keys, sorted(shapes.items())):
+        if path[-2].endswith("norm") or path[-2] == "ln_f":
+            items[path] = jnp.ones(shape, dtype)
+        else:
+            items[path] = (cfg.initializer_range * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+    return unflatten(items)
+
+
+def cast_params(params: Params, dtype: str | jnp.dtype) -> Params:
+    """Cast every floating leaf (the reference casts to --dtype after loading)."""
+    dtype = jnp.dtype(dtype)
+
+    def cast(x: Any) -> Any:
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree_util.tree_map(cast, params)
+
+
+def param_bytes(params: Params) -> int:
+    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params)))
