@@ -124,3 +124,142 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
 
     acc, _ = jax.lax.scan(body, empty_partial(b, t, n, d), jnp.arange(blocks))
     return finalize(acc, q.dtype)
+
+
+# --------------------------------------------------------------------------- sequence-parallel helpers
+# Added for RingAttention and the sequence-sharded cache (model/ring_attention.py owns
+# the shard_map / ppermute schedule; the math it runs is here).
+
+
+def combine(a: Partial, b: Partial) -> Partial:
+    """`merge` that also accepts partials which saw no key at all (max = -inf).
+
+    Block skipping leaves such partials behind (a left-pad query, a cache shard with
+    no valid slot yet); plain `merge` of two of them computes exp(-inf + inf) = NaN.
+    """
+    new_max = jnp.maximum(a.max, b.max)
+    safe = jnp.where(jnp.isneginf(new_max), 0.0, new_max)
+    scale_a = jnp.exp(a.max - safe)
+    scale_b = jnp.exp(b.max - safe)
+    return Partial(
+        a.out * scale_a[..., None] + b.out * scale_b[..., None],
+        new_max,
+        a.sum * scale_a + b.sum * scale_b,
+    )
+
+
+def combine_across(p: Partial, axis_name: str, scatter_axis: int | None = None) -> Partial:
+    """Exact merge of the partials held by every device of `axis_name` (inside shard_map).
+
+    The pmax/psum form of `merge`: m = max_i m_i, out = sum_i out_i exp(m_i - m),
+    l = sum_i l_i exp(m_i - m). With `scatter_axis` (the query axis of `out`), the
+    sums are reduce-scattered: each device keeps its contiguous slice of that axis,
+    i.e. its own shard of the queries.
+    """
+    glob_max = jax.lax.pmax(p.max, axis_name)
+    safe = jnp.where(jnp.isneginf(glob_max), 0.0, glob_max)
+    scale = jnp.exp(p.max - safe)
+    out = p.out * scale[..., None]
+    total = p.sum * scale
+    if scatter_axis is None:
+        return Partial(jax.lax.psum(out, axis_name), glob_max, jax.lax.psum(total, axis_name))
+    out = jax.lax.psum_scatter(out, axis_name, scatter_dimension=scatter_axis, tiled=True)
+    total = jax.lax.psum_scatter(total, axis_name, scatter_dimension=scatter_axis, tiled=True)
+    size = out.shape[scatter_axis]
+    start = jax.lax.axis_index(axis_name) * size
+    glob_max = jax.lax.dynamic_slice_in_dim(glob_max, start, size, axis=scatter_axis)
+    return Partial(out, glob_max, total)
+
+
+def finalize_or_zero(p: Partial, dtype: jnp.dtype) -> jax.Array:
+    """`finalize`, with 0 for queries that saw no valid key (their blocks were skipped).
+
+    Dense attention gives such a query (left padding) a uniform average over all
+    keys; both are meaningless and never read, but 0 keeps NaN out of the cache.
+    """
+    empty = p.sum == 0
+    out = p.out / jnp.where(empty, 1.0, p.sum)[..., None]
+    return jnp.where(empty[..., None], 0.0, out).astype(dtype)
+
+
+def index_mask(q_index: jax.Array, k_index: jax.Array, k_valid: jax.Array,
+               q_segment: jax.Array | None = None, k_segment: jax.Array | None = None) -> jax.Array:
+    """[B, T, S] attend-mask from per-token indices: causal by index, valid keys, same segment.
+
+    Args:
+      q_index: [B, T] global position (or cache slot) of each query.
+      k_index: [B, S] global position (or slot) of each key.
+      k_valid: [B, S] bool, the key is a real token.
+      q_segment, k_segment: optional [B, T] / [B, S] packed-segment ids.
+    """
+    mask = causal_mask(q_index, k_index) & k_valid[:, None, :]
+    if q_segment is not None and k_segment is not None:
+        mask &= segment_mask(q_segment, k_segment)
+    return mask
+
+
+def _pad_axis1(x: jax.Array | None, length: int, value) -> jax.Array | None:
+    if x is None or x.shape[1] == length:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (0, length - x.shape[1])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def blockwise_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array,
+                      k_index: jax.Array, k_valid: jax.Array, *, q_block: int, k_block: int,
+                      q_segment: jax.Array | None = None,
+                      k_segment: jax.Array | None = None) -> Partial:
+    """Partial attention of q over k/v in (q_block x k_block) tiles, masks built per tile.
+
+    No [B, T, S] mask or score tensor is ever materialised: the live scores are
+    [B, N, q_block, k_block]. Tiles whose mask is all False (the causal upper
+    triangle, left padding, empty cache slots) are skipped with `lax.cond`. Lengths
+    that are not multiples of the blocks are padded with masked entries.
+
+    Args:
+      q: [B, T, N, D]; k, v: [B, S, K, D].
+      q_index, k_index, k_valid, q_segment, k_segment: as in `index_mask`.
+    Returns:
+      Partial over all keys, [B, T, ...]; max = -inf where every tile was skipped.
+    """
+    b, t, n, d = q.shape
+    s = k.shape[1]
+    q_block, k_block = max(1, min(q_block, t)), max(1, min(k_block, s))
+    tp = -(-t // q_block) * q_block
+    sp_ = -(-s // k_block) * k_block
+    q, q_index, q_segment = _pad_axis1(q, tp, 0), _pad_axis1(q_index, tp, -1), _pad_axis1(q_segment, tp, -1)
+    k, v = _pad_axis1(k, sp_, 0), _pad_axis1(v, sp_, 0)
+    k_index, k_valid = _pad_axis1(k_index, sp_, 0), _pad_axis1(k_valid, sp_, False)
+    k_segment = _pad_axis1(k_segment, sp_, -2)
+    nq, nk = tp // q_block, sp_ // k_block
+    use_segments = q_segment is not None and k_segment is not None
+
+    def blocks(x: jax.Array | None, size: int, count: int) -> jax.Array | None:
+        # [B, count*size, ...] -> [count, B, size, ...]
+        if x is None:
+            return None
+        return jnp.moveaxis(x.reshape(x.shape[0], count, size, *x.shape[2:]), 1, 0)
+
+    kb = (blocks(k, k_block, nk), blocks(v, k_block, nk), blocks(k_index, k_block, nk),
+          blocks(k_valid, k_block, nk), blocks(k_segment, k_block, nk) if use_segments else None)
+
+    def one_query_block(xs: tuple) -> Partial:
+        qc, qi, qs = xs
+
+        def body(acc: Partial, ks: tuple) -> tuple[Partial, None]:
+            kc, vc, ki, kv, kseg = ks
+            mask = index_mask(qi, ki, kv, qs if use_segments else None, kseg)
+            acc = jax.lax.cond(jnp.any(mask), lambda a: combine(a, attend_block(qc, kc, vc, mask)),
+                               lambda a: a, acc)
+            return acc, None
+
+        acc, _ = jax.lax.scan(body, empty_partial(b, q_block, n, d), kb)
+        return acc
+
+    qs_blocks = blocks(q_segment, q_block, nq) if use_segments else jnp.zeros((nq,), jnp.int32)
+    per_block = jax.lax.map(one_query_block,
+                            (blocks(q, q_block, nq), blocks(q_index, q_block, nq), qs_blocks))
+    # [nq, B, q_block, ...] -> [B, T, ...]
+    unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, tp, *x.shape[3:])[:, :t]  # noqa: E731
+    return Partial(unblock(per_block.out), unblock(per_block.max), unblock(per_block.sum))

@@ -6,6 +6,8 @@ Two sources give the same parameter tree (nested dicts, reference names, no lead
 - the reference's `params::` streaming msgpack file (format in `params_file.py`);
 - Hugging Face LLaMA safetensors (LWM-Text models), renamed and re-laid out here.
 
+Pickled params trees (the VQGAN) load through `unpickle.py`, re-exported here.
+
 Either way tensors are read one at a time, checked against the config as soon as
 their header is known, cast, and put on their target sharding before the next one is
 read, so host RAM never holds more than one tensor (plus its cast) at a time.
@@ -39,13 +41,15 @@ from lwm_serve.model.params_file import (
     save_params,
     unflatten_params,
 )
+from lwm_serve.model.params import SCAN_KEY, layer_param_shapes, param_shapes
+from lwm_serve.model.unpickle import load_pickle_params
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointError", "MAX_CHUNK_SIZE", "SPEC_PREFIX", "expected_param_shapes",
     "flatten_params", "iter_params_file", "load_checkpoint", "load_hf_llama",
-    "load_params", "parse_spec", "save_hf_llama", "save_params", "unflatten_params",
+    "load_params", "load_pickle_params", "parse_spec", "save_hf_llama", "save_params", "unflatten_params",
 ]
 
 ShardingSpec = Union[
@@ -53,59 +57,9 @@ ShardingSpec = Union[
     jax.sharding.Sharding, None]
 DTypeLike = Union[str, np.dtype, type, None]
 
-SCAN_KEY = "scan_decoder"
-
-
-# --------------------------------------------------------------------------- shapes
-
-
-def layer_param_shapes(cfg: ModelConfig) -> dict[Path, tuple[int, ...]]:
-    """Shapes of one decoder layer's parameters (Dense kernels are (in, out))."""
-    h, m = cfg.hidden_size, cfg.intermediate_size
-    kv = cfg.kv_heads * cfg.head_dim
-    return {
-        ("attention", "wq", "kernel"): (h, h),
-        ("attention", "wk", "kernel"): (h, kv),
-        ("attention", "wv", "kernel"): (h, kv),
-        ("attention", "wo", "kernel"): (h, h),
-        ("attention_norm", "kernel"): (h,),
-        ("feed_forward", "w1", "kernel"): (h, m),
-        ("feed_forward", "w2", "kernel"): (m, h),
-        ("feed_forward", "w3", "kernel"): (h, m),
-        ("ffn_norm", "kernel"): (h,),
-    }
-
-
 def expected_param_shapes(cfg: ModelConfig) -> dict[Path, tuple[int, ...]]:
-    """Every parameter path (without the leading "params") and its shape for `cfg`.
-
-    Scanned layout (`cfg.scan_layers`): one `transformer/h/scan_decoder` subtree whose
-    arrays carry the layer axis at `cfg.param_scan_axis` (0: wq (L, H, H); 1: (H, L, H)).
-    Per-layer layout: `transformer/h/<i>` for i in 0..L-1. Tied heads
-    (`tie_word_embeddings`, `tie_vision_embeddings`) have no kernel of their own, and a
-    config without vision (`vision_vocab_size == 0`) has no `vte`/`vision_head`.
-    The order is the reference's (sorted keys), which is also its file order.
-    """
-    h, layers = cfg.hidden_size, cfg.num_hidden_layers
-    shapes: dict[Path, tuple[int, ...]] = {
-        ("transformer", "wte", "embedding"): (cfg.vocab_size, h),
-        ("transformer", "ln_f", "kernel"): (h,),
-    }
-    if not cfg.tie_word_embeddings:
-        shapes[("lm_head", "kernel")] = (h, cfg.vocab_size)
-    if cfg.vision_vocab_size:
-        shapes[("transformer", "vte", "embedding")] = (cfg.vision_vocab_size, h)
-        if not cfg.tie_vision_embeddings:
-            shapes[("vision_head", "kernel")] = (h, cfg.vision_vocab_size)
-    for path, shape in layer_param_shapes(cfg).items():
-        if cfg.scan_layers:
-            stacked = list(shape)
-            stacked.insert(cfg.param_scan_axis, layers)
-            shapes[("transformer", "h", SCAN_KEY, *path)] = tuple(stacked)
-        else:
-            for i in range(layers):
-                shapes[("transformer", "h", str(i), *path)] = shape
-    return dict(sorted(shapes.items()))
+    """Every parameter path and shape for `cfg`, in the reference's file order (sorted keys)."""
+    return dict(sorted(param_shapes(cfg).items()))
 
 
 def _join(path: Path) -> str:

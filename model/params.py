@@ -16,13 +16,14 @@ attention_norm/kernel, ffn_norm/kernel.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lwm_serve.model.config import ModelConfig
+from lwm_serve.model.params_file import flatten_params, unflatten_params
 
 Path = tuple[str, ...]
 Params = dict[str, Any]
@@ -48,7 +49,11 @@ def layer_param_shapes(cfg: ModelConfig) -> dict[Path, tuple[int, ...]]:
 
 
 def param_shapes(cfg: ModelConfig) -> dict[Path, tuple[int, ...]]:
-    """Every parameter's path and shape for this config and layout."""
+    """Every parameter's path and shape for this config and layout.
+
+    Tied heads have no kernel of their own; a text-only config
+    (`vision_vocab_size == 0`, Hugging Face LWM-Text) has no vte/vision_head.
+    """
     h = cfg.hidden_size
     shapes: dict[Path, tuple[int, ...]] = {
         ("transformer", "wte", "embedding"): (cfg.vocab_size, h),
@@ -72,25 +77,6 @@ def param_shapes(cfg: ModelConfig) -> dict[Path, tuple[int, ...]]:
     return shapes
 
 
-def flatten(tree: Params, prefix: Path = ()) -> Iterator[tuple[Path, Any]]:
-    """(path, leaf) pairs of a nested dict, depth first."""
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from flatten(value, (*prefix, key))
-        else:
-            yield (*prefix, key), value
-
-
-def unflatten(items: dict[Path, Any]) -> Params:
-    tree: Params = {}
-    for path, value in items.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
-
 def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
     """Random weights as the reference initialises them: normal(0, initializer_range)
     for matrices and embeddings, ones for the norms. Stored in `cfg.param_dtype`."""
@@ -103,7 +89,7 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
             items[path] = jnp.ones(shape, dtype)
         else:
             items[path] = (cfg.initializer_range * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
-    return unflatten(items)
+    return unflatten_params(items)
 
 
 def cast_params(params: Params, dtype: str | jnp.dtype) -> Params:

@@ -24,6 +24,7 @@ for byte. Placement on devices and config checks live in `checkpoint.py`.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -275,7 +276,7 @@ def _read_array_header(s: _Stream, marker: int | None = None) -> _ArrayHeader:
     nbytes = _read_blob_len(s, marker)
     if nbytes is None:
         raise s.error("expected the array's raw bytes (msgpack bin)", start)
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if nbytes != expected:
         raise s.error(f"data length {nbytes} does not match shape {tuple(shape)} x "
                       f"{name} ({expected} bytes)", start)
@@ -299,8 +300,8 @@ def _read_chunked(s: _Stream, n_entries: int, check: HeaderCheck | None) -> np.n
             flagged = _read_small(s) is True
         elif name == "shape":
             dims = _read_small(s)
-            if (not isinstance(dims, dict) or sorted(dims) != [str(i) for i in range(len(dims))]
-                    or not all(isinstance(v, int) and v >= 0 for v in dims.values())):
+            if (not isinstance(dims, dict) or set(dims) != {str(i) for i in range(len(dims))}
+                    or not all(type(v) is int and v >= 0 for v in dims.values())):
                 raise s.error(f"invalid chunked-array shape {dims!r}", start)
             shape = tuple(dims[str(i)] for i in range(len(dims)))
         elif name == "chunks":
@@ -320,7 +321,7 @@ def _read_chunks(s: _Stream, shape: tuple[int, ...], check: HeaderCheck | None) 
     n = _read_container_len(s, s.read(1)[0], 0x80, 0xDE, 0xDF)
     if n is None:
         raise s.error("chunked array 'chunks' is not a map", start)
-    total = int(np.prod(shape, dtype=np.int64))
+    total = math.prod(shape)
     out: np.ndarray | None = None
     filled = 0
     for i in range(n):
@@ -330,6 +331,8 @@ def _read_chunks(s: _Stream, shape: tuple[int, ...], check: HeaderCheck | None) 
         if out is None:
             if check is not None and s.key is not None:
                 check(s.key, shape, head.dtype)
+            if total * head.dtype.itemsize > s.remaining:
+                raise s.truncated(total * head.dtype.itemsize)
             out = np.empty(total, head.dtype)
         if head.dtype != out.dtype or len(head.shape) != 1:
             raise s.error("chunks of a chunked array differ in dtype or are not 1-D", start)
@@ -521,7 +524,8 @@ def _as_host_array(value: Any, float_dtype: np.dtype | None) -> np.ndarray:
         array = array.astype(array.dtype.newbyteorder("<"))
     if array.dtype.name not in _DTYPES:
         raise CheckpointError(f"cannot save dtype {array.dtype.name}")
-    return np.ascontiguousarray(array)
+    # not np.ascontiguousarray: it turns 0-d arrays into shape (1,)
+    return array if array.flags.c_contiguous else array.copy(order="C")
 
 
 def save_params(path: str | os.PathLike, params: Mapping[str, Any], *,

@@ -1,0 +1,466 @@
+"""LWM's VQGAN (encoder, vector quantizer, decoder) as pure JAX functions.
+
+The parameter tree is the reference's flax tree as pickled by LWM (a nested dict
+of float32 arrays, no leading "params" key). Flax names modules by call order,
+so the names below are structural and must stay exactly as they are:
+
+    encoder/Conv_0                                   stem 3x3, 3 -> hidden
+    encoder/DownsamplingBlock_<l>/ResnetBlock_<j>    l = 0..L-1, j < num_res_blocks
+    encoder/DownsamplingBlock_<l>/Downsample_0/Conv_0    all but the last level
+    encoder/MidBlock_0/ResnetBlock_{0,1}, encoder/GroupNorm_0, encoder/Conv_1
+    quant_conv (1x1, z -> embed), quantize/embeddings [num_embeddings, embed]
+    post_quant_conv (1x1, embed -> z)
+    decoder/Conv_0, decoder/MidBlock_0/ResnetBlock_{0,1}
+    decoder/UpsamplingBlock_<k>: k = 0 is the DEEPEST level (flax numbers the
+        blocks in call order and the decoder walks the levels in reverse);
+        num_res_blocks + 1 ResnetBlocks, Upsample_0/Conv_0 on all but the last
+    decoder/GroupNorm_0, decoder/Conv_1
+
+A ResnetBlock holds GroupNorm_0, Conv_0, GroupNorm_1, Conv_1 and, only when the
+channel count changes, Conv_2 (the 1x1 shortcut). Convs are HWIO with a bias and
+SAME padding; GroupNorm has 32 groups, eps 1e-6, `scale` and `bias`.
+
+The real LWM VQGAN has no attention (`attn_resolutions=()`,
+`no_attn_mid_block=True`) and resamples with convolutions; configs asking for
+anything else are rejected when the config is built.
+
+This module never opens a file: `VQGAN.from_pickle` delegates to the checkpoint
+module's restricted unpickler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from functools import cached_property, partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+logger = logging.getLogger(__name__)
+
+Params = dict[str, Any]
+
+_GROUPS = 32
+_EPS = 1e-6
+_DP = "dp"
+
+
+@dataclasses.dataclass(frozen=True)
+class VQGANConfig:
+    """The reference's VQGANConfig fields; defaults are the real LWM VQGAN.
+
+    `num_resolutions` is derived (len(channel_mult)), as in the reference.
+    """
+
+    resolution: int = 256
+    num_channels: int = 3
+    hidden_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 2, 4, 6)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = ()
+    no_attn_mid_block: bool = True
+    z_channels: int = 64
+    num_embeddings: int = 8192
+    quantized_embed_dim: int = 64
+    dropout: float = 0.0  # inference only: dropout is the identity
+    resample_with_conv: bool = True
+    commitment_cost: float = 0.25  # training only
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
+        object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
+        if self.attn_resolutions or not self.no_attn_mid_block:
+            raise NotImplementedError(
+                "VQGAN attention blocks (attn_resolutions="
+                f"{self.attn_resolutions}, no_attn_mid_block={self.no_attn_mid_block}) are not "
+                "implemented: the LWM VQGAN uses none (attn_resolutions=(), no_attn_mid_block=True)"
+            )
+        if not self.resample_with_conv:
+            raise NotImplementedError(
+                "resample_with_conv=False (average-pool / conv-free resampling) is not implemented: "
+                "the LWM VQGAN resamples with convolutions"
+            )
+        if not self.channel_mult:
+            raise ValueError("channel_mult must name at least one resolution level")
+        for c in (self.hidden_channels * m for m in self.channel_mult):
+            if c % _GROUPS:
+                raise ValueError(f"every level's channel count must divide by {_GROUPS} (GroupNorm); got {c}")
+        if self.resolution % self.downsample_factor:
+            raise ValueError(
+                f"resolution {self.resolution} does not divide by the downsample factor {self.downsample_factor}"
+            )
+
+    @property
+    def num_resolutions(self) -> int:
+        return len(self.channel_mult)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (self.num_resolutions - 1)
+
+    @property
+    def grid(self) -> int:
+        """Side of the code grid (16 for the real model)."""
+        return self.resolution // self.downsample_factor
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["channel_mult"] = list(self.channel_mult)
+        d["attn_resolutions"] = list(self.attn_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VQGANConfig:
+        """Build from the reference's field names; `num_resolutions` is checked, not stored."""
+        d = dict(d)
+        n_res = d.pop("num_resolutions", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown VQGAN config fields: {unknown}")
+        cfg = cls(**d)
+        if n_res is not None and n_res != cfg.num_resolutions:
+            raise ValueError(f"num_resolutions={n_res} disagrees with channel_mult={cfg.channel_mult}")
+        return cfg
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> VQGANConfig:
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+
+# ----------------------------------------------------------------------------
+# layers (flax numerics: conv_general_dilated NHWC/HWIO, fast-variance GroupNorm)
+
+
+def _conv(p: Params, x: jax.Array, stride: int = 1, padding: str = "SAME") -> jax.Array:
+    # x: [B, H, W, Cin]; kernel: [kh, kw, Cin, Cout]
+    y = jax.lax.conv_general_dilated(
+        x, p["kernel"], (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return y + p["bias"]
+
+
+def _group_norm(p: Params, x: jax.Array) -> jax.Array:
+    # Same order of operations as flax.linen.GroupNorm (use_fast_variance=True):
+    # var = max(0, E[x^2] - E[x]^2), y = (x - mean) * (rsqrt(var + eps) * scale) + bias.
+    b, h, w, c = x.shape
+    g = x.reshape(b, h, w, _GROUPS, c // _GROUPS)
+    mean = jnp.mean(g, axis=(1, 2, 4))
+    mean2 = jnp.mean(jnp.square(g), axis=(1, 2, 4))
+    var = jnp.maximum(0.0, mean2 - jnp.square(mean))
+    mean = jnp.repeat(mean, c // _GROUPS, axis=-1)[:, None, None, :]
+    var = jnp.repeat(var, c // _GROUPS, axis=-1)[:, None, None, :]
+    mul = jax.lax.rsqrt(var + _EPS) * p["scale"]
+    return (x - mean) * mul + p["bias"]
+
+
+def _resnet_block(p: Params, x: jax.Array) -> jax.Array:
+    h = _conv(p["Conv_0"], jax.nn.silu(_group_norm(p["GroupNorm_0"], x)))
+    h = _conv(p["Conv_1"], jax.nn.silu(_group_norm(p["GroupNorm_1"], h)))
+    residual = _conv(p["Conv_2"], x) if "Conv_2" in p else x
+    return h + residual
+
+
+def _downsample(p: Params, x: jax.Array) -> jax.Array:
+    # Asymmetric padding (bottom/right only) then a VALID stride-2 conv, as the reference.
+    x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    return _conv(p["Conv_0"], x, stride=2, padding="VALID")
+
+
+def _upsample(p: Params, x: jax.Array) -> jax.Array:
+    # Exact 2x nearest resize == repeat each pixel twice along H and W.
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return _conv(p["Conv_0"], x)
+
+
+def _mid_block(p: Params, x: jax.Array) -> jax.Array:
+    return _resnet_block(p["ResnetBlock_1"], _resnet_block(p["ResnetBlock_0"], x))
+
+
+def _encoder(p: Params, cfg: VQGANConfig, x: jax.Array) -> jax.Array:
+    h = _conv(p["Conv_0"], x)  # [B, R, R, hidden]
+    for level in range(cfg.num_resolutions):
+        blk = p[f"DownsamplingBlock_{level}"]
+        for j in range(cfg.num_res_blocks):
+            h = _resnet_block(blk[f"ResnetBlock_{j}"], h)
+        if level != cfg.num_resolutions - 1:
+            h = _downsample(blk["Downsample_0"], h)
+    h = _mid_block(p["MidBlock_0"], h)
+    return _conv(p["Conv_1"], jax.nn.silu(_group_norm(p["GroupNorm_0"], h)))  # [B, g, g, z]
+
+
+def _decoder(p: Params, cfg: VQGANConfig, z: jax.Array) -> jax.Array:
+    h = _conv(p["Conv_0"], z)
+    h = _mid_block(p["MidBlock_0"], h)
+    for k, level in enumerate(reversed(range(cfg.num_resolutions))):
+        blk = p[f"UpsamplingBlock_{k}"]
+        for j in range(cfg.num_res_blocks + 1):
+            h = _resnet_block(blk[f"ResnetBlock_{j}"], h)
+        if level != 0:
+            h = _upsample(blk["Upsample_0"], h)
+    return _conv(p["Conv_1"], jax.nn.silu(_group_norm(p["GroupNorm_0"], h)))
+
+
+def _quantize(embeddings: jax.Array, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # z: [B, g, g, E]; embeddings: [K, E]
+    flat = z.reshape(-1, z.shape[-1])
+    d = (
+        jnp.sum(flat**2, axis=1, keepdims=True)
+        + jnp.sum(embeddings.T**2, axis=0, keepdims=True)
+        - 2 * jnp.einsum("bd,nd->bn", flat, embeddings)
+    )  # [B*g*g, K]
+    idx = jnp.argmin(d, axis=1)  # first index on ties
+    z_q = embeddings[idx].reshape(z.shape)
+    # The reference's straight-through form z + (z_q - z); kept for bitwise fidelity.
+    z_q = z + (z_q - z)
+    return z_q, idx.reshape(z.shape[:-1]).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------
+# public pure API
+
+
+@partial(jax.jit, static_argnums=1)
+def encode(params: Params, cfg: VQGANConfig, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Encode frames to quantized latents and code indices.
+
+    Args:
+        params: the reference's VQGAN parameter tree.
+        cfg: the config (static).
+        frames: [N, R, R, 3] float in [-1, 1] (R = cfg.resolution).
+
+    Returns:
+        (quantized [N, g, g, E] float32, codes [N, g, g] int32), g = cfg.grid.
+    """
+    if frames.shape[1:] != (cfg.resolution, cfg.resolution, cfg.num_channels):
+        raise ValueError(
+            f"frames must be [N, {cfg.resolution}, {cfg.resolution}, {cfg.num_channels}], got {frames.shape}"
+        )
+    h = _encoder(params["encoder"], cfg, frames.astype(jnp.float32))
+    h = _conv(params["quant_conv"], h)
+    return _quantize(params["quantize"]["embeddings"], h)
+
+
+@partial(jax.jit, static_argnums=1)
+def decode(params: Params, cfg: VQGANConfig, codes: jax.Array) -> jax.Array:
+    """Decode code indices to pixels.
+
+    Args:
+        params: the reference's VQGAN parameter tree.
+        cfg: the config (static).
+        codes: [N, g, g] integer code indices in [0, num_embeddings).
+
+    Returns:
+        pixels [N, R, R, 3] float32, clipped to [-1, 1].
+    """
+    if codes.shape[1:] != (cfg.grid, cfg.grid):
+        raise ValueError(f"codes must be [N, {cfg.grid}, {cfg.grid}], got {codes.shape}")
+    z = params["quantize"]["embeddings"][codes]  # [N, g, g, E]
+    h = _conv(params["post_quant_conv"], z)
+    return jnp.clip(_decoder(params["decoder"], cfg, h), -1, 1)
+
+
+def param_shapes(cfg: VQGANConfig) -> Params:
+    """The parameter tree's shapes (nested dict of tuples), mirroring the forward pass."""
+
+    def conv(k: int, cin: int, cout: int) -> Params:
+        return {"kernel": (k, k, cin, cout), "bias": (cout,)}
+
+    def norm(c: int) -> Params:
+        return {"scale": (c,), "bias": (c,)}
+
+    def resnet(cin: int, cout: int) -> Params:
+        p = {"GroupNorm_0": norm(cin), "Conv_0": conv(3, cin, cout), "GroupNorm_1": norm(cout),
+             "Conv_1": conv(3, cout, cout)}
+        if cin != cout:
+            p["Conv_2"] = conv(1, cin, cout)
+        return p
+
+    chans = [cfg.hidden_channels * m for m in cfg.channel_mult]
+    enc: Params = {"Conv_0": conv(3, cfg.num_channels, cfg.hidden_channels)}
+    c = cfg.hidden_channels
+    for level, out in enumerate(chans):
+        blk: Params = {}
+        for j in range(cfg.num_res_blocks):
+            blk[f"ResnetBlock_{j}"] = resnet(c, out)
+            c = out
+        if level != cfg.num_resolutions - 1:
+            blk["Downsample_0"] = {"Conv_0": conv(3, c, c)}
+        enc[f"DownsamplingBlock_{level}"] = blk
+    enc["MidBlock_0"] = {"ResnetBlock_0": resnet(c, c), "ResnetBlock_1": resnet(c, c)}
+    enc["GroupNorm_0"] = norm(c)
+    enc["Conv_1"] = conv(3, c, cfg.z_channels)
+
+    c = chans[-1]
+    dec: Params = {"Conv_0": conv(3, cfg.z_channels, c),
+                   "MidBlock_0": {"ResnetBlock_0": resnet(c, c), "ResnetBlock_1": resnet(c, c)}}
+    for k, level in enumerate(reversed(range(cfg.num_resolutions))):
+        blk = {}
+        for j in range(cfg.num_res_blocks + 1):
+            blk[f"ResnetBlock_{j}"] = resnet(c, chans[level])
+            c = chans[level]
+        if level != 0:
+            blk["Upsample_0"] = {"Conv_0": conv(3, c, c)}
+        dec[f"UpsamplingBlock_{k}"] = blk
+    dec["GroupNorm_0"] = norm(c)
+    dec["Conv_1"] = conv(3, c, cfg.num_channels)
+
+    return {
+        "encoder": enc,
+        "decoder": dec,
+        "quant_conv": conv(1, cfg.z_channels, cfg.quantized_embed_dim),
+        "post_quant_conv": conv(1, cfg.quantized_embed_dim, cfg.z_channels),
+        "quantize": {"embeddings": (cfg.num_embeddings, cfg.quantized_embed_dim)},
+    }
+
+
+def _is_shape(x: Any) -> bool:
+    return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+
+
+def check_params(params: Params, cfg: VQGANConfig) -> None:
+    """Raise ValueError naming the first missing, extra or mis-shaped parameter."""
+    expected = jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=_is_shape)[0]
+    want = {jax.tree_util.keystr(k): s for k, s in expected}
+    got = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    if missing or extra:
+        raise ValueError(f"VQGAN params do not match the config: missing {missing[:5]}, unexpected {extra[:5]}")
+    for k, s in want.items():
+        if got[k] != s:
+            raise ValueError(f"VQGAN param {k} has shape {got[k]}, the config needs {s}")
+
+
+def init_params(cfg: VQGANConfig, seed: int = 0) -> Params:
+    """Random params (fan-in scaled normal convs, unit norms) for tests and benchmarks.
+
+    numpy's generator, not jax.random: ~150 leaves would be ~150 device dispatches.
+    """
+    rng = np.random.default_rng(seed)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=_is_shape)
+    out = []
+    for path, shape in leaves:
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['scale']"):
+            out.append(np.ones(shape, np.float32))
+        elif name.endswith("['bias']"):
+            out.append(np.zeros(shape, np.float32))
+        elif name.endswith("['embeddings']"):
+            lim = 1.0 / shape[0]
+            out.append(rng.uniform(-lim, lim, shape).astype(np.float32))
+        else:
+            fan_in = math.prod(shape[:-1])
+            out.append((rng.standard_normal(shape) / math.sqrt(fan_in)).astype(np.float32))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def params_identity(params: Params, cfg: VQGANConfig) -> str:
+    """sha256 hex of the config and every parameter's name, shape and bytes (cache keys)."""
+    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    for path, leaf in sorted(
+        ((jax.tree_util.keystr(p), v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0])
+    ):
+        arr = np.ascontiguousarray(np.asarray(leaf, dtype=np.float32))
+        h.update(f"{path}:{arr.shape}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------
+# batched, optionally data-parallel wrapper
+
+
+class VQGAN:
+    """Params + config, with fixed-size chunked (and optionally dp-sharded) batching.
+
+    Every call pads its last chunk to `batch_size`, so each of encode/decode
+    compiles exactly once. With `shard=True` a chunk is split over all local
+    devices along a `dp` mesh axis when `batch_size` divides by their count
+    (params replicated); otherwise it runs on one device.
+    """
+
+    def __init__(self, params: Params, cfg: VQGANConfig, batch_size: int = 8, shard: bool = False) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_params(params, cfg)
+        self.cfg = cfg
+        self.batch_size = batch_size
+        devices = jax.local_devices()
+        self.mesh: Mesh | None = None
+        if shard and len(devices) > 1 and batch_size % len(devices) == 0:
+            self.mesh = Mesh(np.array(devices), (_DP,))
+            self._in_sharding: Any = NamedSharding(self.mesh, PartitionSpec(_DP))
+            params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
+        else:
+            if shard:
+                logger.info("VQGAN: batch %d does not divide over %d devices; not sharding", batch_size, len(devices))
+            self._in_sharding = None
+            params = jax.device_put(params)
+        self.params = params
+
+    @classmethod
+    def from_pickle(cls, path: str | Path, cfg: VQGANConfig | None = None, **kwargs: Any) -> VQGAN:
+        """Load the reference's pickled params (restricted unpickler) and build the wrapper."""
+        # Imported here so this module imports before/without the checkpoint module.
+        from lwm_serve.model.checkpoint import load_pickle_params
+
+        params = load_pickle_params(path)
+        return cls(params, cfg or VQGANConfig(), **kwargs)
+
+    @cached_property
+    def identity(self) -> str:
+        """Stable hash of config + params, for cache keys."""
+        return params_identity(jax.device_get(self.params), self.cfg)
+
+    def _chunks(self, x: np.ndarray) -> list[tuple[np.ndarray, int]]:
+        out = []
+        for i in range(0, len(x), self.batch_size):
+            chunk = x[i : i + self.batch_size]
+            n = len(chunk)
+            if n < self.batch_size:
+                pad = np.zeros((self.batch_size - n, *chunk.shape[1:]), chunk.dtype)
+                chunk = np.concatenate([chunk, pad])
+            out.append((chunk, n))
+        return out
+
+    def _put(self, x: np.ndarray) -> jax.Array:
+        return jax.device_put(x, self._in_sharding) if self._in_sharding is not None else jnp.asarray(x)
+
+    def encode_frames(self, frames: np.ndarray) -> np.ndarray:
+        """Encode preprocessed frames.
+
+        Args:
+            frames: [N, R, R, 3] float32 in [-1, 1].
+
+        Returns:
+            codes [N, g, g] int32 (numpy).
+        """
+        frames = np.asarray(frames, np.float32)
+        g = self.cfg.grid
+        if len(frames) == 0:
+            return np.zeros((0, g, g), np.int32)
+        results = [
+            (encode(self.params, self.cfg, self._put(chunk))[1], n) for chunk, n in self._chunks(frames)
+        ]  # dispatch every chunk before waiting on any
+        return np.concatenate([np.asarray(c)[:n] for c, n in results])
+
+    def decode_codes(self, codes: np.ndarray) -> np.ndarray:
+        """Decode codes [N, g, g] to pixels [N, R, R, 3] float32 in [-1, 1]."""
+        codes = np.asarray(codes, np.int32)
+        r = self.cfg.resolution
+        if len(codes) == 0:
+            return np.zeros((0, r, r, self.cfg.num_channels), np.float32)
+        if codes.min() < 0 or codes.max() >= self.cfg.num_embeddings:
+            raise ValueError(f"codes must lie in [0, {self.cfg.num_embeddings}), got [{codes.min()}, {codes.max()}]")
+        results = [(decode(self.params, self.cfg, self._put(chunk)), n) for chunk, n in self._chunks(codes)]
+        return np.concatenate([np.asarray(p)[:n] for p, n in results])
