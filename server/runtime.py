@@ -144,8 +144,14 @@ def load_vqgan(path: str | os.PathLike, config_path: str | os.PathLike | None = 
     path = Path(path)
     if not path.is_file():
         raise LoadError(f"no VQGAN params at {path}")
-    cfg_path = Path(config_path) if config_path else path.parent / "config.json"
-    cfg = vq.VQGANConfig.from_json(cfg_path) if cfg_path.is_file() else vq.VQGANConfig()
+    if config_path:
+        cfg = vq.VQGANConfig.from_json(config_path)
+    else:
+        # LWM releases ship the VQGAN pickle beside the *model's* config.json:
+        # only a JSON with VQGAN fields describes the VQGAN.
+        beside = path.parent / "config.json"
+        is_vqgan = beside.is_file() and "channel_mult" in json.loads(beside.read_text())
+        cfg = vq.VQGANConfig.from_json(beside) if is_vqgan else vq.VQGANConfig()
     return vq.VQGAN.from_pickle(path, cfg)
 
 
