@@ -383,8 +383,8 @@ def params_identity(params: Params, cfg: VQGANConfig) -> str:
 class VQGAN:
     """Params + config, with fixed-size chunked (and optionally dp-sharded) batching.
 
-    Every call pads its last chunk to `batch_size`, so each of encode/decode
-    compiles exactly once. With `shard=True` a chunk is split over all local
+    Every call pads its last chunk to a power of two (to `batch_size` when
+    sharded), so encode/decode compile once per such size. With `shard=True` a chunk is split over all local
     devices along a `dp` mesh axis when `batch_size` divides by their count
     (params replicated); otherwise it runs on one device.
     """
@@ -427,8 +427,13 @@ class VQGAN:
         for i in range(0, len(x), self.batch_size):
             chunk = x[i : i + self.batch_size]
             n = len(chunk)
-            if n < self.batch_size:
-                pad = np.zeros((self.batch_size - n, *chunk.shape[1:]), chunk.dtype)
+            # A short last chunk is padded to the next power of two, not to the
+            # full batch: at most log2(batch) extra compiled shapes, and a
+            # 2-frame ask costs 2 frames of compute, not 8. Sharded chunks keep
+            # the full batch so they still divide over the devices.
+            target = self.batch_size if self.mesh is not None else min(self.batch_size, 1 << (n - 1).bit_length())
+            if n < target:
+                pad = np.zeros((target - n, *chunk.shape[1:]), chunk.dtype)
                 chunk = np.concatenate([chunk, pad])
             out.append((chunk, n))
         return out

@@ -1,0 +1,529 @@
+"""Image / video bytes or paths to uint8 RGB frames, and the reference's preprocessing.
+
+Images go through Pillow (PNG, JPEG, WebP, GIF first frame, ...), with EXIF
+orientation applied. Video goes through PyAV, streamed from the path (a file is
+never read into memory as a whole; bytes are wrapped in a BytesIO).
+
+Video decoding is planned before any pixel is decoded:
+1. scan the video stream's packets (demux only, no decode) to get the frame
+   timeline (pts) and the keyframes;
+2. choose frames on that timeline (`frame_sampling.select_frames`);
+3. decode with one strategy, converting only the kept frames to RGB:
+   - "full": decode every frame up to the last wanted one;
+   - "seek": seek to the keyframe before each wanted frame (unless it is
+     already behind the decoder) and decode forward to it: best when frames
+     are sparse on a long video;
+   - "keyframe": one linear demux pass that feeds the decoder only the
+     packets from the keyframe before each wanted frame up to that frame;
+     every other packet never reaches the decoder (keyframe-aware skipping at
+     the packet level, which also saves the bitstream parsing that
+     `skip_frame='NONKEY'` would still do).
+   All strategies return the same frames for the same spec (tested).
+
+Timestamps are the real presentation times (pts * time_base), relative to the
+stream start, so variable-frame-rate video samples by real time. Display-matrix
+rotation (phone clips) is applied so frames come out upright.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import io
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Sequence, Union
+
+import av
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lwm_serve.tokenizers.errors import (
+    CorruptMediaError,
+    EmptyMediaError,
+    MediaError,
+    MediaTooLongError,
+    NoVideoStreamError,
+    UnsupportedMediaError,
+)
+from lwm_serve.tokenizers.frame_sampling import SamplingSpec, select_frames
+
+logger = logging.getLogger(__name__)
+
+Source = Union[str, os.PathLike, bytes]
+Progress = Callable[[int, int], None]  # (frames kept so far, frames wanted)
+Strategy = Literal["auto", "full", "seek", "keyframe"]
+STRATEGIES: tuple[str, ...] = ("full", "seek", "keyframe")
+FRAME_SIZE = 256
+
+# Pillow formats taken as a still image (animated GIF/WebP: first frame).
+_IMAGE_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF"})
+# Leading bytes of containers FFmpeg reads: a file that starts like one but does
+# not open is damaged; one that matches none is an unsupported format.
+_CONTAINER_MAGIC: tuple[tuple[int, bytes, str], ...] = (
+    (4, b"ftyp", "MP4/MOV"),
+    (4, b"moov", "MOV"),
+    (4, b"mdat", "MOV"),
+    (0, b"\x1a\x45\xdf\xa3", "Matroska/WebM"),
+    (0, b"RIFF", "AVI"),
+    (0, b"OggS", "Ogg"),
+    (0, b"FLV", "FLV"),
+    (0, b"\x00\x00\x01\xba", "MPEG-PS"),
+    (0, b"\x47", "MPEG-TS"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoInfo:
+    """What the container says about its first video stream.
+
+    Attributes:
+        duration_s: duration in seconds (stream, else container; 0 if unknown).
+        n_frames_estimate: frame count from the container, else duration * fps.
+        fps: average frame rate (0 if unknown).
+        width, height: coded frame size (before rotation).
+        rotation: display rotation in degrees, counter-clockwise (0, 90, 180, 270).
+        codec: decoder name, e.g. "h264".
+    """
+
+    duration_s: float
+    n_frames_estimate: int
+    fps: float
+    width: int
+    height: int
+    rotation: int
+    codec: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeline:
+    """A video stream's frames in presentation order, from a packet scan.
+
+    Attributes:
+        pts: [n] ascending pts in stream time_base units.
+        keyframe: [n] whether each frame is a keyframe (a decode entry point).
+        seconds: [n] presentation times relative to the stream start.
+    """
+
+    pts: list[int]
+    keyframe: list[bool]
+    seconds: list[float]
+
+
+# ----------------------------------------------------------------------------
+# preprocessing (exactly the reference's _process_frame)
+
+
+def preprocess_frame(img: Image.Image | np.ndarray, size: int = FRAME_SIZE) -> np.ndarray:
+    """Resize the shorter side to `size`, centre crop, scale to [-1, 1].
+
+    Bit-exact with LWM's `vision_chat.Sampler._process_frame`: the other side is
+    `int(size * long / short)`, Pillow's default resize filter (bicubic for RGB),
+    a float crop box (Pillow rounds it), then `float32 / 127.5 - 1`.
+
+    Args:
+        img: PIL image (converted to RGB) or uint8 [H, W, 3] array.
+        size: output side.
+
+    Returns:
+        [size, size, 3] float32 in [-1, 1].
+    """
+    if isinstance(img, np.ndarray):
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"a frame must be uint8 [H, W, 3], got {img.dtype} {img.shape}")
+        img = Image.fromarray(img, "RGB")
+    elif img.mode != "RGB":
+        img = img.convert("RGB")
+    width, height = img.size
+    if width < height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_w, new_h = int(size * width / height), size
+    img = img.resize((new_w, new_h))
+    box = ((new_w - size) / 2, (new_h - size) / 2, (new_w + size) / 2, (new_h + size) / 2)
+    return np.array(img.crop(box), dtype=np.float32) / 127.5 - 1
+
+
+def preprocess_frames(frames: Sequence[np.ndarray], size: int = FRAME_SIZE) -> np.ndarray:
+    """`preprocess_frame` over uint8 frames: [N, size, size, 3] float32."""
+    if len(frames) == 0:
+        return np.zeros((0, size, size, 3), np.float32)
+    return np.stack([preprocess_frame(f, size) for f in frames])
+
+
+# ----------------------------------------------------------------------------
+# sources
+
+
+def _name(src: Source) -> str:
+    return "<bytes>" if isinstance(src, (bytes, bytearray, memoryview)) else os.fspath(src)
+
+
+def _head(src: Source, n: int = 32) -> bytes:
+    """First bytes of the media; raises EmptyMediaError for zero bytes."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        head = bytes(src[:n])
+    else:
+        try:
+            with open(src, "rb") as f:
+                head = f.read(n)
+        except FileNotFoundError as e:
+            raise MediaError(f"{_name(src)}: no such file") from e
+        except IsADirectoryError as e:
+            raise MediaError(f"{_name(src)}: is a directory, not a media file") from e
+    if not head:
+        raise EmptyMediaError(f"{_name(src)}: the media is empty (0 bytes)")
+    return head
+
+
+def _sniff_container(head: bytes) -> str | None:
+    for offset, magic, name in _CONTAINER_MAGIC:
+        if head[offset : offset + len(magic)] == magic:
+            return name
+    return None
+
+
+def is_image(src: Source) -> bool:
+    """True if Pillow recognises `src` as a still-image format (header only)."""
+    _head(src)
+    try:
+        with _open_image(src) as img:
+            return img.format in _IMAGE_FORMATS
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def _open_image(src: Source) -> Image.Image:
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return Image.open(io.BytesIO(bytes(src)))
+    return Image.open(src)
+
+
+def load_image(src: Source) -> np.ndarray:
+    """Decode a still image (first frame of an animation), EXIF orientation applied.
+
+    Args:
+        src: path or bytes of a PNG/JPEG/WebP/GIF/BMP/TIFF image.
+
+    Returns:
+        [H, W, 3] uint8 RGB (alpha dropped, as the reference's `convert('RGB')`).
+    """
+    _head(src)
+    try:
+        with _open_image(src) as img:
+            if img.format not in _IMAGE_FORMATS:
+                raise UnsupportedMediaError(f"{_name(src)}: image format {img.format} is not supported")
+            img.seek(0)
+            upright = ImageOps.exif_transpose(img)
+            return np.asarray(upright.convert("RGB"), dtype=np.uint8)
+    except MediaError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise UnsupportedMediaError(f"{_name(src)}: image is too large to decode ({e})") from e
+    except UnidentifiedImageError as e:
+        raise UnsupportedMediaError(f"{_name(src)}: not a recognised image format") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise CorruptMediaError(f"{_name(src)}: image is truncated or damaged ({e})") from e
+
+
+# ----------------------------------------------------------------------------
+# video
+
+
+@contextmanager
+def _open_video(src: Source) -> Iterator[tuple[av.container.InputContainer, av.video.stream.VideoStream]]:
+    head = _head(src)
+    name = _name(src)
+    target = io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, memoryview)) else os.fspath(src)
+    try:
+        container = av.open(target, mode="r")
+    except av.error.FFmpegError as e:
+        kind = _sniff_container(head)
+        if kind is not None:
+            raise CorruptMediaError(f"{name}: looks like {kind} but cannot be read (truncated or damaged)") from e
+        raise UnsupportedMediaError(f"{name}: not a recognised image or video format") from e
+    try:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams})
+            if "audio" in kinds or "subtitle" in kinds:
+                raise NoVideoStreamError(f"{name}: no video stream (streams: {', '.join(kinds)})")
+            # Only unknown/data streams (or none): a damaged index, e.g. a cut MP4 moov.
+            raise CorruptMediaError(f"{name}: no readable audio or video stream (truncated or damaged)")
+        stream = container.streams.video[0]
+        if stream.codec_context is None or not stream.codec_context.name:
+            raise UnsupportedMediaError(f"{name}: video codec {stream.codec_context and stream.codec_context.name!r} "
+                                        "has no decoder in this build")
+        stream.thread_type = "AUTO"  # frame + slice threads
+        yield container, stream
+    finally:
+        container.close()
+
+
+def _check_duration(name: str, duration_s: float, max_duration_s: float | None) -> None:
+    if max_duration_s is not None and duration_s > max_duration_s:
+        raise MediaTooLongError(f"{name}: video is {duration_s:.1f} s long; the limit is {max_duration_s:.1f} s")
+
+
+def _container_duration(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return 0.0
+
+
+def probe_video(src: Source, max_duration_s: float | None = None) -> VideoInfo:
+    """Read container metadata (and decode one frame for the rotation).
+
+    Raises:
+        MediaError subclasses for empty/corrupt/unsupported/audio-only/too long media.
+    """
+    name = _name(src)
+    with _open_video(src) as (container, stream):
+        duration = _container_duration(container, stream)
+        _check_duration(name, duration, max_duration_s)
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
+        n = stream.frames or int(round(duration * fps))
+        rotation = 0
+        try:
+            for frame in container.decode(stream):
+                rotation = _rotation(frame)
+                break
+            else:
+                raise EmptyMediaError(f"{name}: the video stream has no decodable frame")
+        except av.error.FFmpegError as e:
+            raise CorruptMediaError(f"{name}: cannot decode the first frame ({e})") from e
+        return VideoInfo(
+            duration_s=duration,
+            n_frames_estimate=int(n),
+            fps=fps,
+            width=stream.codec_context.width,
+            height=stream.codec_context.height,
+            rotation=rotation,
+            codec=stream.codec_context.name,
+        )
+
+
+def _rotation(frame: av.VideoFrame) -> int:
+    # frame.rotation: counter-clockwise degrees of the display matrix, in [-180, 180].
+    try:
+        return int(round(frame.rotation / 90.0)) * 90 % 360
+    except (TypeError, ValueError):
+        return 0
+
+
+def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
+    rgb = frame.to_ndarray(format="rgb24")  # [H, W, 3] uint8
+    k = _rotation(frame) // 90
+    # np.rot90 turns counter-clockwise, the display matrix's direction.
+    return np.ascontiguousarray(np.rot90(rgb, k)) if k else rgb
+
+
+def _scan_timeline(container: av.container.InputContainer, stream: av.video.stream.VideoStream, name: str) -> Timeline:
+    entries: dict[int, bool] = {}
+    try:
+        for packet in container.demux(stream):
+            if packet.pts is None or packet.size == 0 or packet.is_discard:
+                continue
+            entries[packet.pts] = entries.get(packet.pts, False) or packet.is_keyframe
+    except av.error.FFmpegError as e:
+        raise CorruptMediaError(f"{name}: reading the video stream failed ({e})") from e
+    if not entries:
+        raise EmptyMediaError(f"{name}: the video stream has no frames")
+    pts = sorted(entries)
+    start = stream.start_time if stream.start_time is not None else pts[0]
+    tb = stream.time_base
+    return Timeline(pts=pts, keyframe=[entries[p] for p in pts], seconds=[float((p - start) * tb) for p in pts])
+
+
+def _check_complete(container, stream, timeline: Timeline, name: str) -> None:
+    """Raise CorruptMediaError if the frames stop well before the declared duration.
+
+    A truncated file whose header survived (WebM, MKV, TS, fragmented MP4)
+    demuxes "cleanly" up to the cut. The declared duration is the video
+    stream's own, else the container's when the video is its only stream
+    (with audio the container may rightly run longer than the video).
+    """
+    if stream.duration is not None and stream.time_base is not None:
+        declared = float(stream.duration * stream.time_base)
+    elif container.duration is not None and len(container.streams) == 1:
+        declared = container.duration / av.time_base
+    else:
+        return
+    secs = timeline.seconds
+    step = (secs[-1] - secs[0]) / (len(secs) - 1) if len(secs) > 1 else 0.0
+    shortfall = declared - (secs[-1] + step)
+    if shortfall > max(0.5, 0.1 * declared):
+        raise CorruptMediaError(
+            f"{name}: video frames stop at {secs[-1]:.2f} s but the file declares {declared:.2f} s "
+            "(truncated or damaged)"
+        )
+
+
+def frame_timeline(src: Source, max_duration_s: float | None = None) -> Timeline:
+    """The video's frame timeline from a packet scan (no pixel decoding)."""
+    name = _name(src)
+    with _open_video(src) as (container, stream):
+        _check_duration(name, _container_duration(container, stream), max_duration_s)
+        return _scan_timeline(container, stream, name)
+
+
+def choose_strategy(n_wanted: int, n_frames: int) -> str:
+    """"seek" when frames are sparse (fewer than 1 in 8), else "full"."""
+    return "seek" if n_wanted * 8 < n_frames else "full"
+
+
+def decode_video(
+    src: Source,
+    sampling: SamplingSpec | None = None,
+    strategy: Strategy = "auto",
+    max_duration_s: float | None = None,
+    progress: Progress | None = None,
+) -> list[tuple[float, np.ndarray]]:
+    """Decode the frames a sampling spec picks.
+
+    Args:
+        src: path (streamed) or bytes of any container FFmpeg reads.
+        sampling: which frames (default: the reference's 8 uniform frames).
+        strategy: "full", "seek", "keyframe" or "auto" (see the module doc).
+        max_duration_s: reject longer videos with MediaTooLongError.
+        progress: called as progress(kept, wanted) after each kept frame (job
+            progress, log lines); never called inside the decoder's threads.
+
+    Returns:
+        [(timestamp_s, frame [H, W, 3] uint8 RGB, upright)] in time order.
+
+    Raises:
+        MediaError subclasses, each naming what is wrong.
+    """
+    sampling = sampling or SamplingSpec()
+    name = _name(src)
+    if strategy != "auto" and strategy not in STRATEGIES:
+        raise ValueError(f"unknown decode strategy {strategy!r}; use auto or one of {STRATEGIES}")
+    with _open_video(src) as (container, stream):
+        _check_duration(name, _container_duration(container, stream), max_duration_s)
+        timeline = _scan_timeline(container, stream, name)
+        _check_duration(name, timeline.seconds[-1], max_duration_s)
+        _check_complete(container, stream, timeline, name)
+        chosen = select_frames(timeline.seconds, sampling)
+        if not chosen:
+            return []
+        if strategy == "auto":
+            strategy = choose_strategy(len(chosen), len(timeline.pts))
+        wanted = [timeline.pts[i] for i in chosen]
+        logger.debug("%s: decoding %d of %d frames with %s", name, len(wanted), len(timeline.pts), strategy)
+        got = _Kept(len(wanted), progress)
+        try:
+            # The scan left the demuxer at the end: rewind (this also flushes the decoder).
+            container.seek(timeline.pts[0], stream=stream, backward=True, any_frame=False)
+            if strategy == "full":
+                _decode_full(container, stream, wanted, got)
+            elif strategy == "seek":
+                _decode_seek(container, stream, wanted, _keyframe_before(timeline, wanted), got)
+            else:
+                _decode_keyframe(container, stream, wanted, _keyframe_before(timeline, wanted), got)
+        except av.error.FFmpegError as e:
+            raise CorruptMediaError(f"{name}: decoding failed ({e})") from e
+    missing = [p for p in wanted if p not in got]
+    if missing:
+        raise CorruptMediaError(
+            f"{name}: {len(missing)} of {len(wanted)} frames could not be decoded (first pts {missing[0]})"
+        )
+    seconds = dict(zip(timeline.pts, timeline.seconds))
+    return [(seconds[p], got[p]) for p in wanted]
+
+
+class _Kept(dict):
+    """pts -> RGB frame, reporting progress as frames are kept."""
+
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        super().__init__()
+        self.total, self.progress = total, progress
+
+    def __setitem__(self, pts: int, frame: np.ndarray) -> None:
+        super().__setitem__(pts, frame)
+        if self.progress is not None:
+            self.progress(len(self), self.total)
+
+
+def _keyframe_before(timeline: Timeline, wanted: list[int]) -> list[int]:
+    keys = [p for p, k in zip(timeline.pts, timeline.keyframe) if k] or [timeline.pts[0]]
+    return [keys[max(0, bisect.bisect_right(keys, p) - 1)] for p in wanted]
+
+
+def _decode_full(container, stream, wanted: list[int], got: dict[int, np.ndarray]) -> None:
+    want = set(wanted)
+    for frame in container.decode(stream):
+        if frame.pts in want:
+            got[frame.pts] = _to_rgb(frame)
+            if len(got) == len(want):
+                break
+
+
+def _decode_seek(container, stream, wanted: list[int], keys: list[int], got: dict[int, np.ndarray]) -> None:
+    frames: Iterator[av.VideoFrame] | None = None
+    position = None  # pts of the last frame the decoder returned
+    for target, key in zip(wanted, keys):
+        if target in got:
+            continue
+        if frames is None or position is None or key > position:
+            # The target's keyframe is ahead of the decoder: jump there (seek flushes the decoder).
+            container.seek(key, stream=stream, backward=True, any_frame=False)
+            frames = container.decode(stream)
+        for frame in frames:
+            if frame.pts is None:
+                continue
+            position = frame.pts
+            if frame.pts == target:
+                got[target] = _to_rgb(frame)
+                break
+            if frame.pts > target:
+                break
+
+
+def _decode_keyframe(container, stream, wanted: list[int], keys: list[int], got: dict[int, np.ndarray]) -> None:
+    want = set(wanted)
+    i = 0  # next wanted frame not yet returned
+    gop = None  # pts of the last keyframe packet demuxed
+
+    def take(frames: list[av.VideoFrame]) -> None:
+        nonlocal i
+        for frame in frames:
+            if frame.pts in want and frame.pts not in got:
+                got[frame.pts] = _to_rgb(frame)
+        while i < len(wanted) and wanted[i] in got:
+            i += 1
+
+    for packet in container.demux(stream):
+        if i >= len(wanted):
+            break
+        if packet.is_keyframe and packet.pts is not None:
+            gop = packet.pts
+        # Feed only from the keyframe before the next wanted frame onwards.
+        if gop is None or gop < keys[i] or packet.size == 0:
+            continue
+        take(stream.decode(packet))
+    take(stream.decode(None))  # flush frames the (threaded) decoder still holds
+
+
+# ----------------------------------------------------------------------------
+# any media
+
+
+def decode_media(
+    src: Source,
+    sampling: SamplingSpec | None = None,
+    strategy: Strategy = "auto",
+    max_duration_s: float | None = None,
+    progress: Progress | None = None,
+) -> list[tuple[float, np.ndarray]]:
+    """Image or video to timestamped uint8 frames (an image is one frame at t=0).
+
+    Raises:
+        MediaError subclasses, each naming what is wrong.
+    """
+    if is_image(src):
+        return [(0.0, load_image(src))]
+    return decode_video(src, sampling, strategy, max_duration_s, progress)
