@@ -1,0 +1,107 @@
+"""build_app(): wiring only (lifespan, routers, middleware, error handlers).
+
+The runtime (weights + tokenizer) is loaded in the lifespan, never at import,
+unless the caller passes one (the CLI loads it first to fail fast with a clear
+message; tests pass a tiny one). After the engine starts, a tiny warm-up request
+compiles the common shapes in the background; `/ready` says yes when it is done,
+while `/health` answers from the first moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from lwm_serve.server.config import ServerSettings
+from lwm_serve.server.errors import install_error_handlers
+from lwm_serve.server.metrics import HttpCounter, MetricsMiddleware
+from lwm_serve.server.routes import chat, completions, health, models
+from lwm_serve.server.schemas.chat import ChatCompletionRequest, ChatMessage
+from lwm_serve.server.services import RuntimeLike, Services, build_services
+
+logger = logging.getLogger(__name__)
+
+
+def load_runtime_for(settings: ServerSettings, *, progress: bool = True) -> RuntimeLike:
+    """Loads the runtime the settings describe (imported lazily: heavy).
+
+    A mesh of one device ("1,1,1,1", the default) means no mesh: plain
+    single-device arrays.
+    """
+    from lwm_serve.server.runtime import load_runtime
+
+    mesh = None
+    if settings.mesh_size != 1:
+        from lwm_serve.model.mesh import make_mesh
+
+        mesh = make_mesh(settings.mesh)
+    return load_runtime(settings.model, model_config_spec=settings.model_config_path,
+                        tokenizer=settings.tokenizer, vqgan=settings.vqgan,
+                        served_model_name=settings.served_model_name, dtype=settings.dtype,
+                        max_model_len=settings.max_model_len, prefill_chunk=settings.prefill_chunk,
+                        mesh=mesh, progress=progress)
+
+
+async def warm_up(services: Services) -> None:
+    """One tiny greedy chat request through the whole stack (compiles prefill/decode)."""
+    req = ChatCompletionRequest(messages=[ChatMessage(role="user", content="Hi")], max_tokens=2, temperature=0)
+    await services.chat.create(req)
+
+
+def build_app(settings: ServerSettings, runtime: RuntimeLike | None = None) -> FastAPI:
+    """The ASGI app.
+
+    Args:
+        settings: server settings.
+        runtime: an already loaded runtime; None loads one in the lifespan.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        rt = runtime
+        if rt is None:
+            logger.info("loading model %s", settings.model)
+            rt = await asyncio.to_thread(load_runtime_for, settings)
+        services = build_services(settings, rt)
+        services.engine.start()
+        app.state.services = services
+        warm = asyncio.create_task(_warm_then_ready(app, services, settings.warmup))
+        logger.info("serving %r", services.model_name)
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            warm.cancel()
+            await asyncio.to_thread(services.engine.stop)
+            logger.info("engine stopped")
+
+    app = FastAPI(title="lwm-serve", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible API for the Large World Model (LWM).")
+    app.state.settings = settings
+    app.state.services = None
+    app.state.ready = False
+    app.state.http_counter = HttpCounter()
+    for router in (health.router, models.router, chat.router, completions.router):
+        app.include_router(router)
+    app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                       allow_headers=["*"])
+    app.add_middleware(MetricsMiddleware, counter=app.state.http_counter)
+    install_error_handlers(app)
+    return app
+
+
+async def _warm_then_ready(app: FastAPI, services: Services, warmup: bool) -> None:
+    if warmup:
+        try:
+            await warm_up(services)
+            logger.info("warm-up done")
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the server can still serve; the first request compiles instead
+            logger.exception("warm-up failed")
+    app.state.ready = True

@@ -1,0 +1,197 @@
+"""`lwm-serve`: serve (default) | generate | plan.
+
+    lwm-serve                                   # serve the embedded demo model on 127.0.0.1:8000
+    lwm-serve serve --model params::/ckpt/params --model-config config.json --tokenizer tok/
+    lwm-serve generate "What is a world model?" --max-tokens 32
+    lwm-serve plan ...                          # memory planner (model/planner.py)
+
+Every serve/generate flag is also an environment variable: `--max-model-len` is
+`LWM_SERVE_MAX_MODEL_LEN`, `--api-key` is `LWM_SERVE_API_KEYS` (comma-separated)
+or `LWM_SERVE_API_KEY`. Flags win over the environment. Logging is configured
+here, once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any, Sequence
+
+from pydantic import ValidationError
+
+logger = logging.getLogger(__name__)
+
+COMMANDS = ("serve", "generate", "plan")
+PROG = "lwm-serve"
+
+# (flag, settings field, argparse kwargs); help comes from the field's description.
+_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--model", "model", {}),
+    ("--model-config", "model_config_path", {}),
+    ("--tokenizer", "tokenizer", {}),
+    ("--vqgan", "vqgan", {}),
+    ("--served-model-name", "served_model_name", {}),
+    ("--dtype", "dtype", {"choices": ["float32", "bfloat16"]}),
+    ("--mesh", "mesh", {}),
+    ("--max-model-len", "max_model_len", {"type": int}),
+    ("--prefill-chunk", "prefill_chunk", {"type": int}),
+    ("--log-level", "log_level", {"choices": ["debug", "info", "warning", "error", "critical"]}),
+]
+_SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--host", "host", {}),
+    ("--port", "port", {"type": int}),
+    ("--api-key", "api_keys", {"action": "append", "metavar": "KEY"}),
+    ("--cors-origin", "cors_origins", {"action": "append", "metavar": "ORIGIN"}),
+    ("--max-queue", "max_queue", {"type": int}),
+    ("--max-batch", "max_batch", {"type": int}),
+    ("--default-max-tokens", "default_max_tokens", {"type": int}),
+    ("--warmup", "warmup", {"action": argparse.BooleanOptionalAction}),
+]
+
+
+def _add_flags(parser: argparse.ArgumentParser, flags: list[tuple[str, str, dict[str, Any]]]) -> None:
+    from lwm_serve.server.config import ENV_PREFIX, ServerSettings
+
+    for flag, field, kwargs in flags:
+        info = ServerSettings.model_fields[field]
+        env = ENV_PREFIX + field.upper()
+        default = info.default if info.default_factory is None else info.default_factory()
+        help_text = f"{info.description or ''} [env {env}; default {default!r}]"
+        parser.add_argument(flag, dest=field, default=argparse.SUPPRESS, help=help_text, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="OpenAI-compatible server for the Large World Model (LWM). "
+        "Without a command, runs `serve`.", formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="{serve,generate,plan}")
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API (default)")
+    _add_flags(serve, _FLAGS + _SERVE_FLAGS)
+    gen = sub.add_parser("generate", help="print a completion from the loaded model (offline)")
+    gen.add_argument("prompt", help="the user message (or the raw prompt with --raw)")
+    _add_flags(gen, _FLAGS)
+    gen.add_argument("--max-tokens", type=int, default=64, help="new tokens at most (default 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    gen.add_argument("--raw", action="store_true", help="complete the raw prompt instead of a chat turn")
+    sub.add_parser("plan", help="memory planner: does a model fit a mesh? (see `lwm-serve plan --help`)",
+                   add_help=False)
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
+
+
+def _settings(args: argparse.Namespace, skip: Sequence[str]) -> Any:
+    from lwm_serve.server.config import ServerSettings
+
+    values = {k: v for k, v in vars(args).items() if k != "command" and k not in skip}
+    return ServerSettings(**values)
+
+
+def _settings_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+        lines.append(f"  {where}: {err.get('msg', '')}".replace("Value error, ", ""))
+    return "invalid settings:\n" + "\n".join(lines)
+
+
+def _load(settings: Any) -> Any:
+    from lwm_serve.server.app import load_runtime_for
+
+    logger.info("loading model %r (tokenizer %s, dtype %s, mesh %s)", settings.model,
+                settings.tokenizer or "default", settings.dtype, settings.mesh)
+    return load_runtime_for(settings, progress=True)
+
+
+def serve(settings: Any) -> int:
+    import uvicorn
+
+    from lwm_serve.server.app import build_app
+
+    runtime = _load(settings)  # before binding the port: a bad model fails fast, clearly
+    app = build_app(settings, runtime)
+    logger.info("listening on http://%s:%d (auth %s)", settings.host, settings.port,
+                "on" if settings.accepted_keys else "off")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
+                log_level=settings.log_level, timeout_graceful_shutdown=10)
+    return 0
+
+
+def generate(settings: Any, args: argparse.Namespace) -> int:
+    from lwm_serve.server.schemas.chat import ChatCompletionRequest
+    from lwm_serve.server.schemas.completions import CompletionRequest
+    from lwm_serve.server.services import build_services
+
+    services = build_services(settings, _load(settings))
+    services.engine.start()
+    knobs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                 top_k=args.top_k, seed=args.seed, stop=args.stop, stream=True)
+
+    async def run() -> None:
+        if args.raw:
+            chunks = await services.completions.create(CompletionRequest(prompt=args.prompt, **knobs))
+        else:
+            chunks = await services.chat.create(ChatCompletionRequest(
+                messages=[{"role": "user", "content": args.prompt}], **knobs))
+        async for chunk in chunks:  # type: ignore[union-attr]
+            for choice in chunk["choices"]:
+                text = choice["text"] if args.raw else choice["delta"].get("content", "")
+                print(text, end="", flush=True)
+        print()
+
+    try:
+        asyncio.run(run())
+    finally:
+        services.engine.stop()
+    return 0
+
+
+def plan(argv: list[str]) -> int:
+    try:
+        from lwm_serve.model import planner
+    except ImportError:
+        print(f"{PROG} plan: the memory planner (lwm_serve.model.planner) is not available in this "
+              "installation", file=sys.stderr)
+        return 2
+    result = planner.main(argv)
+    return int(result or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `lwm-serve`; returns the exit status."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or (args_list[0] not in COMMANDS and args_list[0] not in ("-h", "--help")):
+        args_list = ["serve", *args_list]
+    if args_list[0] == "plan":
+        return plan(args_list[1:])
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    gen_only = ("prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "raw")
+    try:
+        settings = _settings(args, skip=gen_only)
+    except ValidationError as exc:
+        parser.exit(2, f"{PROG}: error: {_settings_error(exc)}\n")
+    configure_logging(settings.log_level)
+    try:
+        if args.command == "generate":
+            return generate(settings, args)
+        return serve(settings)
+    except (ValueError, OSError) as exc:
+        # LoadError, CheckpointError, TokenizerError, MeshSpecError, vocab mismatch...
+        # are ValueErrors with a message meant for the operator.
+        logger.debug("startup failed", exc_info=exc)
+        print(f"{PROG}: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Server settings: every CLI flag is also an environment variable (`LWM_SERVE_*`).
+
+Precedence (pydantic-settings): explicit values (the CLI) > environment > defaults.
+Bad combinations fail here, at start, with a message naming the setting, before
+anything heavy is loaded.
+
+Note on names: pydantic reserves `model_config`, so the reference config JSON is
+`model_config_path` (flag `--model-config`, env `LWM_SERVE_MODEL_CONFIG_PATH`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "LWM_SERVE_"
+DEMO_MODEL = "demo"
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+def mesh_size(spec: str) -> int | None:
+    """Devices a `dp,fsdp,tp,sp` mesh spec needs (None: one axis is -1, i.e. all).
+
+    Syntax is checked by the model's own parser (`model.mesh.parse_mesh_dim`);
+    whether the devices exist is checked when the mesh is built.
+
+    Raises:
+        ValueError: a malformed spec.
+    """
+    from lwm_serve.model.mesh import parse_mesh_dim
+
+    text = spec.strip().lstrip("!")
+    try:
+        sizes = [int(p.split(":")[-1]) for p in text.split(",") if p.strip()]
+    except ValueError:
+        sizes = []
+    fixed = 1
+    for size in sizes:
+        fixed *= size if size > 0 else 1
+    dims, _ = parse_mesh_dim(spec, max(fixed, 1))
+    return None if -1 in sizes else int(math.prod(dims))
+
+
+def _split_keys(value: Any) -> Any:
+    # Env values arrive as one string: accept "k1,k2" as well as a JSON list.
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [k.strip() for k in text.split(",") if k.strip()]
+    return value
+
+
+class ServerSettings(BaseSettings):
+    """Everything `lwm-serve` needs to start (see `lwm-serve serve --help`)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    # --- what to serve
+    model: str = Field(DEMO_MODEL, description=(
+        "checkpoint: 'demo' (embedded demo model), 'params::PATH' (LWM JAX checkpoint, with "
+        "--model-config), or a Hugging Face LWM-Text folder"))
+    model_config_path: str | None = Field(None, description=(
+        "model config: a reference config JSON (VideoLLaMAConfig fields), a HF config.json or a "
+        "preset name (e.g. 7b-1m); default: config.json beside the weights"))
+    tokenizer: str | None = Field(None, description=(
+        "tokenizer directory (tokenizer.model); default: the demo's, or the one beside the weights"))
+    vqgan: str | None = Field(None, description="VQGAN params (pickle); optional, needed for images/video")
+    served_model_name: str | None = Field(None, description="model id in the API (default: derived from --model)")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute/parameter dtype")
+    mesh: str = Field("1,1,1,1", description="device mesh dp,fsdp,tp,sp (one axis may be -1)")
+    max_model_len: int | None = Field(None, ge=1, description="longest prompt + completion (default: the model's)")
+    prefill_chunk: int = Field(2048, ge=1, description="longest prompt piece prefilled in one step")
+    # --- HTTP
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="bind port (0: any free port)")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
+        "accepted bearer keys (comma-separated in the env); empty: no auth. LWM_SERVE_API_KEY adds one"))
+    api_key: str | None = Field(None, description="one more accepted key (env LWM_SERVE_API_KEY)")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"], description="CORS allowed origins")
+    log_level: LogLevel = Field("info", description="log level")
+    # --- engine
+    max_queue: int = Field(64, ge=1, description="requests waiting for the model beyond which 503 is returned")
+    max_batch: int = Field(16, ge=1, description="most rows (prompts x n) one request may ask for")
+    default_max_tokens: int = Field(512, ge=1, description=(
+        "chat completion length when the request sets none (capped by the free context)"))
+    retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 queue-full answers")
+    warmup: bool = Field(True, description="compile with one tiny generation before /ready says yes")
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _lists_from_env(cls, value: Any) -> Any:
+        return _split_keys(value)
+
+    @field_validator("mesh")
+    @classmethod
+    def _check_mesh(cls, value: str) -> str:
+        mesh_size(value)  # raises MeshSpecError (a ValueError) with the reason
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_empty_keys(cls, value: list[str]) -> list[str]:
+        if any(not k for k in value):
+            raise ValueError("API keys must be non-empty strings")
+        return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "ServerSettings":
+        # Only what can be checked without loading anything; the runtime loader
+        # checks that the files fit together (config vs weights vs tokenizer).
+        if self.model_config_path is not None and not Path(self.model_config_path).is_file():
+            from lwm_serve.model.config import preset_names
+
+            if self.model_config_path not in preset_names():
+                raise ValueError(f"--model-config {self.model_config_path!r} is neither a file nor a "
+                                 f"preset name ({', '.join(preset_names())})")
+        if self.model.startswith("params::"):
+            path = self.model[len("params::"):]
+            if not Path(path).is_file():
+                raise ValueError(f"checkpoint file {path!r} does not exist")
+        elif self.model != DEMO_MODEL and not Path(self.model).exists():
+            raise ValueError(f"--model {self.model!r} is neither 'demo', a 'params::PATH' spec nor an "
+                             "existing checkpoint file or Hugging Face model folder")
+        if self.tokenizer is not None and not Path(self.tokenizer).exists():
+            raise ValueError(f"tokenizer {self.tokenizer!r} does not exist")
+        if self.vqgan is not None and not Path(self.vqgan).is_file():
+            raise ValueError(f"VQGAN params {self.vqgan!r} do not exist")
+        return self
+
+    @property
+    def mesh_size(self) -> int | None:
+        """Devices the mesh needs (None: all of them, one axis is -1)."""
+        return mesh_size(self.mesh)
+
+    @property
+    def accepted_keys(self) -> frozenset[str]:
+        """Every accepted bearer key (empty: authentication is off)."""
+        keys = set(self.api_keys)
+        if self.api_key:
+            keys.add(self.api_key)
+        return frozenset(keys)

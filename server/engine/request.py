@@ -1,0 +1,95 @@
+"""Plain dataclasses handed between the HTTP handlers and the model worker.
+
+No FastAPI, no pydantic, no JAX: a request is prompt rows + sampling knobs; a
+record is what the engine knows about it (status, tokens generated), kept for
+introspection (metrics, tests) after the request is done.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+from lwm_serve.model.generation import PromptRow
+from lwm_serve.model.sampling import SamplingParams
+
+
+class RequestStatus(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"   # generation ended (all rows stopped, length, or the consumer had enough)
+    ABORTED = "aborted"     # the client went away
+    FAILED = "failed"       # an exception in the worker
+
+    @property
+    def done(self) -> bool:
+        return self not in (RequestStatus.QUEUED, RequestStatus.RUNNING)
+
+
+AbortReason = Literal["client", "done"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One API request as the model sees it.
+
+    Attributes:
+        request_id: unique id (also in the response id).
+        rows: prompt rows; a request with n choices has n rows (per prompt).
+        sampling: one SamplingParams per row.
+        max_new_tokens: steps to run at most.
+        seed: rng seed (None: fresh entropy). All rows of the request are
+            sampled from ONE key as one batch; the noise differs per row, so
+            choices differ, and the same seed + rows give the same choices.
+        stop_token_ids: a row ends after sampling one of these (empty: ignore EOS).
+        top_logprobs: alternatives to report per step (0: none).
+    """
+
+    request_id: str
+    rows: Sequence[PromptRow]
+    sampling: Sequence[SamplingParams]
+    max_new_tokens: int
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.rows or len(self.rows) != len(self.sampling):
+            raise ValueError("a request needs at least one row and one SamplingParams per row")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    @property
+    def prompt_tokens(self) -> int:
+        return max(len(r.ids) for r in self.rows)
+
+
+@dataclass
+class RequestRecord:
+    """What the engine knows about a request; written by the worker thread only
+    (plain attribute writes, read from the event loop for introspection)."""
+
+    request_id: str
+    rows: int
+    max_new_tokens: int
+    status: RequestStatus = RequestStatus.QUEUED
+    steps: int = 0  # decode steps run (tokens generated per row)
+    error: str | None = None
+    created: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    first_token: float | None = None
+    ended: float | None = None
+    abort_event: threading.Event = field(default_factory=threading.Event, repr=False)
+    abort_reason: AbortReason | None = None
+
+    @property
+    def tokens_generated(self) -> int:
+        return self.steps * self.rows
+
+    def request_abort(self, reason: AbortReason) -> None:
+        if self.abort_reason is None:
+            self.abort_reason = reason
+        self.abort_event.set()

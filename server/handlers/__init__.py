@@ -1,0 +1,1 @@
+"""OpenAI semantics without FastAPI: requests -> engine requests -> responses/chunks."""

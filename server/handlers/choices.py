@@ -1,0 +1,54 @@
+"""Driving one engine request's steps into per-choice text events.
+
+Shared by chat and completions: each output row of the request is one choice
+with its own ChoiceDecoder. When every choice has finished (stop token or stop
+string) the request is ended at once, so the worker stops generating.
+"""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Sequence
+
+from lwm_serve.server.engine.engine import RequestHandle
+from lwm_serve.server.handlers.text_output import ChoiceDecoder, FinishReason, TokenRecord
+
+
+@dataclass
+class ChoiceEvent:
+    """What one choice produced at one step."""
+
+    index: int
+    text: str
+    records: list[TokenRecord] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+
+async def choice_events(handle: RequestHandle, decoders: Sequence[ChoiceDecoder],
+                        top_n: int = 0) -> AsyncIterator[list[ChoiceEvent]]:
+    """Yields, per step, the events of the choices that changed; finally the
+    length-finished choices. Leaving early aborts the request."""
+    async with aclosing(handle.steps()) as steps:
+        async for step in steps:
+            events = []
+            for i, dec in enumerate(decoders):
+                if dec.finished:
+                    continue
+                top = (tuple(zip(step.top_ids[i].tolist(), step.top_logprobs[i].tolist()))
+                       if top_n else ())
+                text = dec.add(int(step.tokens[i]), float(step.logprobs[i]), top)
+                records = dec.take_logprobs()
+                if text or records or dec.finished:
+                    events.append(ChoiceEvent(i, text, records, dec.finish_reason))
+            if events:
+                yield events
+            if all(d.finished for d in decoders):
+                handle.abort("done")
+                break
+    tail = [ChoiceEvent(i, dec.finish_length(), dec.take_logprobs(), None)
+            for i, dec in enumerate(decoders) if not dec.finished]
+    for event in tail:
+        event.finish_reason = decoders[event.index].finish_reason
+    if tail:
+        yield tail

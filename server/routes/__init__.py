@@ -1,0 +1,1 @@
+"""Thin APIRouters: parse -> call the handler -> JSON | SSE."""

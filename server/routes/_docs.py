@@ -1,0 +1,14 @@
+"""OpenAPI `responses=` entries shared by the routes (the error statuses)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lwm_serve.server.schemas.common import ErrorResponse
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "invalid request"},
+    401: {"model": ErrorResponse, "description": "missing or invalid API key"},
+    404: {"model": ErrorResponse, "description": "unknown model"},
+    503: {"model": ErrorResponse, "description": "queue full or model loading (see Retry-After)"},
+}

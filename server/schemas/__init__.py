@@ -1,0 +1,1 @@
+"""Wire types (pydantic), one module per API area."""

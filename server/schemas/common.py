@@ -1,0 +1,65 @@
+"""Shared wire types: the request base model, usage, stream options, the error body."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+logger = logging.getLogger(__name__)
+
+
+class OpenAIBaseModel(BaseModel):
+    """Base of every request model: unknown fields are accepted and logged.
+
+    As vLLM's `OpenAIBaseModel`: clients (the SDK's `extra_body`, LangChain)
+    send fields this server does not know; refusing them would break them, so
+    they are kept in `model_extra` and named in the log. Fields that are real
+    OpenAI features we do not implement are declared and rejected by the
+    handlers instead (never silently ignored).
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _log_extra(self) -> "OpenAIBaseModel":
+        if self.model_extra:
+            logger.warning("%s: ignoring unknown fields %s", type(self).__name__, sorted(self.model_extra))
+        return self
+
+
+class ResponseModel(BaseModel):
+    """Base of response models (no extras; dumped as JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool = False
+
+
+class UsageInfo(ResponseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ErrorInfo(ResponseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(ResponseModel):
+    error: ErrorInfo
+
+
+def dump(model: BaseModel, *, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """JSON-ready dict of a response model, without the named top-level keys."""
+    out = model.model_dump(mode="json")
+    for key in drop:
+        out.pop(key, None)
+    return out
+

@@ -1,0 +1,73 @@
+"""The objects built once at startup from a loaded runtime: engine and handlers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from lwm_serve.model.config import ModelConfig
+from lwm_serve.model.generation import Generator
+from lwm_serve.server.config import ServerSettings
+from lwm_serve.server.engine.engine import Engine
+from lwm_serve.server.handlers.chat import ChatHandler
+from lwm_serve.server.handlers.common import HandlerLimits
+from lwm_serve.server.handlers.completions import CompletionHandler
+from lwm_serve.server.handlers.models import ModelsHandler
+from lwm_serve.tokenizers.text import TextTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class RuntimeLike(Protocol):
+    """What the server needs from `server.runtime.Runtime`."""
+
+    generator: Generator
+    tokenizer: TextTokenizer
+    model_name: str
+    cfg: ModelConfig
+    vqgan: Any
+
+
+class RuntimeMismatchError(ValueError):
+    """The tokenizer and the model do not belong together."""
+
+
+def check_runtime(runtime: RuntimeLike) -> None:
+    """Refuses a tokenizer that does not fit the model (clear message at start)."""
+    tok, cfg = runtime.tokenizer, runtime.cfg
+    if tok.vocab_size > cfg.vocab_size:
+        raise RuntimeMismatchError(
+            f"vocab size mismatch: the tokenizer has {tok.vocab_size} pieces but the model's text "
+            f"vocabulary has {cfg.vocab_size} rows; use the tokenizer the checkpoint was trained with")
+    for name in ("bos_id", "eos_id"):
+        if getattr(tok, name) >= cfg.vocab_size:
+            raise RuntimeMismatchError(f"tokenizer {name} {getattr(tok, name)} is outside the model's "
+                                       f"vocabulary of {cfg.vocab_size}")
+
+
+@dataclass
+class Services:
+    runtime: RuntimeLike
+    engine: Engine
+    chat: ChatHandler
+    completions: CompletionHandler
+    models: ModelsHandler
+    model_name: str
+
+
+def build_services(settings: ServerSettings, runtime: RuntimeLike) -> Services:
+    """Engine + handlers for a loaded runtime (the engine is not started yet)."""
+    check_runtime(runtime)
+    name = settings.served_model_name or runtime.model_name
+    engine = Engine(runtime.generator, max_queue=settings.max_queue, retry_after_s=settings.retry_after_s)
+    limits = HandlerLimits(default_max_tokens=settings.default_max_tokens, max_batch=settings.max_batch)
+    return Services(
+        runtime=runtime,
+        engine=engine,
+        chat=ChatHandler(engine, runtime.tokenizer, name, limits),
+        completions=CompletionHandler(engine, runtime.tokenizer, name, runtime.cfg.vocab_size, limits),
+        models=ModelsHandler(name, int(time.time())),
+        model_name=name,
+    )

@@ -1,0 +1,101 @@
+"""ServerSettings (env + flags, refusals at start) and the lwm-serve CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import types
+
+import pytest
+from pydantic import ValidationError
+
+from lwm_serve.server import cli
+from lwm_serve.server.config import ServerSettings
+
+
+def test_env_vars_and_flag_precedence(monkeypatch):
+    monkeypatch.setenv("LWM_SERVE_PORT", "9123")
+    monkeypatch.setenv("LWM_SERVE_MAX_QUEUE", "3")
+    monkeypatch.setenv("LWM_SERVE_API_KEYS", "k1, k2")
+    monkeypatch.setenv("LWM_SERVE_API_KEY", "k3")
+    monkeypatch.setenv("LWM_SERVE_MESH", "1,1,2,-1")
+    s = ServerSettings()
+    assert (s.port, s.max_queue, s.mesh, s.mesh_size) == (9123, 3, "1,1,2,-1", None)
+    assert s.accepted_keys == {"k1", "k2", "k3"}
+    assert ServerSettings(port=8001).port == 8001  # explicit (CLI) values win
+    monkeypatch.setenv("LWM_SERVE_API_KEYS", '["j1"]')
+    assert ServerSettings().api_keys == ["j1"]
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(mesh="1,1,1"), "4"),
+    (dict(mesh="1,-1,-1,1"), "-1"),
+    (dict(model="params::/no/such/file"), "does not exist"),
+    (dict(model="/no/such/dir"), "neither"),
+    (dict(model_config_path="no-such-preset"), "preset"),
+    (dict(tokenizer="/no/such/tokenizer"), "tokenizer"),
+    (dict(dtype="float64"), "dtype"),
+    (dict(port=70000), "port"),
+    (dict(max_queue=0), "max_queue"),
+    (dict(unknown_setting=1), "unknown_setting"),
+])
+def test_bad_settings_are_refused(kwargs, fragment):
+    with pytest.raises(ValidationError) as info:
+        ServerSettings(**kwargs)
+    assert fragment in str(info.value)
+
+
+def test_cli_refuses_bad_flags_with_a_clear_message(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--mesh", "1,2", "--port", "0"])  # no command: serve
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "mesh" in err and "4" in err
+
+
+def test_cli_refuses_a_vocab_mismatch(reference_dir, tmp_path, capsys):
+    raw = json.loads((reference_dir / "model" / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "vocab_size": 512}))
+    shutil.copy(reference_dir / "model" / "params_scan", tmp_path / "params")
+    code = cli.main(["serve", "--model", f"params::{tmp_path / 'params'}",
+                     "--tokenizer", str(reference_dir / "tokenizer"), "--log-level", "error"])
+    assert code == 1
+    assert "cannot start" in capsys.readouterr().err
+
+
+def test_cli_generate_prints_the_greedy_answer(reference_dir, capsys, fixture_runtime):
+    from lwm_serve.model.generation import PromptRow, seed_key
+    from lwm_serve.model.sampling import SamplingParams
+    from lwm_serve.tokenizers.chat_template import chat_prompt
+
+    code = cli.main(["generate", "Hello there", "--model", f"params::{reference_dir / 'model' / 'params_scan'}",
+                     "--tokenizer", str(reference_dir / "tokenizer"), "--max-tokens", "6",
+                     "--log-level", "error"])
+    assert code == 0
+    tok = fixture_runtime.tokenizer
+    ids = chat_prompt(tok, "Hello there").ids
+    direct = fixture_runtime.generator.generate([PromptRow(ids)], SamplingParams(temperature=0), max_new_tokens=6,
+                                                key=seed_key(0), stop_token_ids=[tok.eos_id])[0]
+    assert capsys.readouterr().out == tok.decode(direct, skip_special_tokens=True) + "\n"
+
+
+def test_plan_delegates_or_explains(monkeypatch, capsys):
+    seen = []
+    fake = types.ModuleType("lwm_serve.model.planner")
+    fake.main = lambda argv: seen.append(argv) or 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "lwm_serve.model.planner", fake)
+    assert cli.main(["plan", "--model", "7b", "--mesh", "1,1,1,8"]) == 0
+    assert seen == [["--model", "7b", "--mesh", "1,1,1,8"]]
+    monkeypatch.setitem(sys.modules, "lwm_serve.model.planner", None)  # import fails
+    assert cli.main(["plan"]) == 2
+    assert "planner" in capsys.readouterr().err
+
+
+def test_help_lists_every_setting_with_its_env_var(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    out = capsys.readouterr().out
+    for flag, env in (("--max-model-len", "LWM_SERVE_MAX_MODEL_LEN"), ("--api-key", "LWM_SERVE_API_KEYS"),
+                      ("--model-config", "LWM_SERVE_MODEL_CONFIG_PATH"), ("--mesh", "LWM_SERVE_MESH")):
+        assert flag in out and env in out
