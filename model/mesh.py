@@ -1,0 +1,139 @@
+"""The device mesh: LWM's `mesh_dim` spec -> a `jax.sharding.Mesh` over every device.
+
+A spec is four comma-separated sizes for the axes ('dp', 'fsdp', 'tp', 'sp'),
+exactly as the reference's `--mesh_dim` (e.g. "1,1,4,64"); one size may be -1
+and is inferred from the device count. Like the reference (tux `get_jax_mesh`):
+
+* a leading `!` lays the devices out in plain `jax.devices()` order (the
+  reference uses it to allow splitting a physical mesh axis); without it the
+  devices are arranged by `mesh_utils.create_device_mesh`, which keeps each
+  axis on physically close chips where the topology is known;
+* the named form "dp:1,fsdp:2,tp:2,sp:2" (any order) is accepted too.
+
+Multi-host: call `maybe_initialize_distributed()` before building the mesh; each
+host runs the same program (JAX multi-controller) and the mesh spans the devices
+of all hosts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh
+
+from lwm_serve.model.sharding import MESH_AXES
+
+logger = logging.getLogger(__name__)
+
+
+class MeshSpecError(ValueError):
+    """A mesh spec that cannot be parsed or does not match the device count."""
+
+
+def parse_mesh_dim(spec: str, device_count: int) -> tuple[tuple[int, ...], bool]:
+    """Axis sizes in MESH_AXES order, and whether `!` (plain device order) was given.
+
+    Args:
+      spec: "1,1,4,64", "!1,1,-1,1" or "dp:1,fsdp:1,tp:4,sp:64".
+      device_count: how many devices the mesh must cover.
+    Raises:
+      MeshSpecError: wrong number of axes, non-integers, two -1s, or sizes whose
+        product is not the device count.
+    """
+    text = spec.strip()
+    plain_order = text.startswith("!")
+    if plain_order:
+        text = text[1:]
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        if parts and all(":" in p for p in parts):
+            named = {}
+            for p in parts:
+                name, size = p.split(":", 1)
+                if name.strip() in named:
+                    raise MeshSpecError(f"mesh spec {spec!r} names axis {name.strip()!r} twice")
+                named[name.strip()] = int(size)
+            if set(named) != set(MESH_AXES):
+                raise MeshSpecError(
+                    f"mesh spec {spec!r} must name exactly the axes {', '.join(MESH_AXES)}")
+            dims = [named[a] for a in MESH_AXES]
+        else:
+            dims = [int(p) for p in parts]
+    except ValueError as e:
+        if isinstance(e, MeshSpecError):
+            raise
+        raise MeshSpecError(f"mesh spec {spec!r} is not a list of integers ({e})") from None
+    if len(dims) != len(MESH_AXES):
+        raise MeshSpecError(
+            f"mesh spec {spec!r} has {len(dims)} axes; expected {len(MESH_AXES)} "
+            f"({','.join(MESH_AXES)}), e.g. '1,1,4,64'")
+    if dims.count(-1) > 1:
+        raise MeshSpecError(f"mesh spec {spec!r}: at most one axis may be -1")
+    if any(d == 0 or d < -1 for d in dims):
+        raise MeshSpecError(f"mesh spec {spec!r}: sizes must be positive (or one -1)")
+    known = math.prod(d for d in dims if d != -1)
+    if -1 in dims:
+        if device_count % known:
+            raise MeshSpecError(
+                f"mesh spec {spec!r}: the fixed axes multiply to {known}, which does not "
+                f"divide the {device_count} devices")
+        dims[dims.index(-1)] = device_count // known
+    elif known != device_count:
+        raise MeshSpecError(
+            f"mesh spec {spec!r} multiplies to {known} devices, but {device_count} are "
+            f"available; make the product {device_count} or use -1 for one axis")
+    return tuple(dims), plain_order
+
+
+def make_mesh(spec: str = "1,1,1,-1", devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('dp','fsdp','tp','sp') mesh over `devices` (default: every device of every host)."""
+    devices = list(jax.devices() if devices is None else devices)
+    dims, plain_order = parse_mesh_dim(spec, len(devices))
+    if plain_order or len(devices) == 1:
+        grid = np.asarray(devices, dtype=object).reshape(dims)
+    else:
+        try:
+            grid = mesh_utils.create_device_mesh(dims, devices=devices)
+        except (AssertionError, ValueError, NotImplementedError) as e:
+            # Unknown topologies (CPU, some GPU hosts): fall back to device order.
+            logger.debug("create_device_mesh failed (%s); using device order", e)
+            grid = np.asarray(devices, dtype=object).reshape(dims)
+    mesh = Mesh(grid, MESH_AXES)
+    logger.info("mesh %s over %d %s devices", dict(mesh.shape), len(devices), devices[0].platform)
+    return mesh
+
+
+def maybe_initialize_distributed(env: dict[str, str] | None = None) -> bool:
+    """Start JAX's multi-controller runtime when the environment describes several hosts.
+
+    Calls `jax.distributed.initialize()` (which reads the coordinator address,
+    process count and id from the cluster environment: TPU pods, SLURM, or the
+    explicit variables below) when any of these is set: `JAX_COORDINATOR_ADDRESS`,
+    `LWM_DISTRIBUTED=1` (TPU pods auto-detect everything), or a process count > 1.
+    Returns True when it initialised. Safe to call twice.
+    """
+    env = os.environ if env is None else env
+    wanted = (env.get("LWM_DISTRIBUTED", "") in ("1", "true", "yes")
+              or bool(env.get("JAX_COORDINATOR_ADDRESS"))
+              or int(env.get("JAX_NUM_PROCESSES", "1") or 1) > 1)
+    if not wanted:
+        return False
+    if jax.distributed.is_initialized():
+        return False
+    kwargs = {}
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
+    if env.get("JAX_NUM_PROCESSES"):
+        kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+    if env.get("JAX_PROCESS_ID"):
+        kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
+    logger.info("jax.distributed initialised: process %d of %d, %d global devices",
+                jax.process_index(), jax.process_count(), jax.device_count())
+    return True
