@@ -148,27 +148,17 @@ def combine(a: Partial, b: Partial) -> Partial:
     )
 
 
-def combine_across(p: Partial, axis_name: str, scatter_axis: int | None = None) -> Partial:
+def combine_across(p: Partial, axis_name: str) -> Partial:
     """Exact merge of the partials held by every device of `axis_name` (inside shard_map).
 
     The pmax/psum form of `merge`: m = max_i m_i, out = sum_i out_i exp(m_i - m),
-    l = sum_i l_i exp(m_i - m). With `scatter_axis` (the query axis of `out`), the
-    sums are reduce-scattered: each device keeps its contiguous slice of that axis,
-    i.e. its own shard of the queries.
+    l = sum_i l_i exp(m_i - m); devices that saw no key (m_i = -inf) add nothing.
     """
     glob_max = jax.lax.pmax(p.max, axis_name)
     safe = jnp.where(jnp.isneginf(glob_max), 0.0, glob_max)
     scale = jnp.exp(p.max - safe)
-    out = p.out * scale[..., None]
-    total = p.sum * scale
-    if scatter_axis is None:
-        return Partial(jax.lax.psum(out, axis_name), glob_max, jax.lax.psum(total, axis_name))
-    out = jax.lax.psum_scatter(out, axis_name, scatter_dimension=scatter_axis, tiled=True)
-    total = jax.lax.psum_scatter(total, axis_name, scatter_dimension=scatter_axis, tiled=True)
-    size = out.shape[scatter_axis]
-    start = jax.lax.axis_index(axis_name) * size
-    glob_max = jax.lax.dynamic_slice_in_dim(glob_max, start, size, axis=scatter_axis)
-    return Partial(out, glob_max, total)
+    return Partial(jax.lax.psum(p.out * scale[..., None], axis_name), glob_max,
+                   jax.lax.psum(p.sum * scale, axis_name))
 
 
 def finalize_or_zero(p: Partial, dtype: jnp.dtype) -> jax.Array:

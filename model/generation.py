@@ -22,6 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh
+
+from lwm_serve.model import sharding as sharding_lib
 from lwm_serve.model import steps
 from lwm_serve.model.config import ModelConfig
 from lwm_serve.model.kv_cache import init_cache
@@ -134,13 +137,27 @@ class Generator:
         are prefilled chunk by chunk, each attending to the cache so far.
       max_context: the longest prompt + generation accepted (default: the
         model's max_sequence_length).
+      mesh: a ('dp','fsdp','tp','sp') mesh (model/mesh.py): params are placed
+        with the partition rules, the cache is sequence-sharded, prefill runs
+        RingAttention and decode the sharded decode. None: one device.
     """
 
     params: Params
     cfg: ModelConfig
     prefill_chunk: int = 2048
     max_context: int | None = None
+    mesh: Mesh | None = None
     _compiled_shapes: set = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mesh is not None:
+            sharding_lib.validate(self.cfg, self.mesh)
+            self.params = sharding_lib.shard_params(self.params, self.cfg, self.mesh)
+
+    def _init_cache(self, batch_size: int, length: int):
+        if self.mesh is None:
+            return init_cache(self.cfg, batch_size, length)
+        return sharding_lib.init_sharded_cache(self.cfg, batch_size, length, self.mesh)
 
     @property
     def context_limit(self) -> int:
@@ -194,7 +211,7 @@ class Generator:
         prompt_len = self._prompt_bucket(longest)
         batch = left_pad(all_rows, prompt_len)
         cache_len = steps.bucket_length(prompt_len + max_new_tokens)
-        cache = init_cache(self.cfg, len(all_rows), cache_len)
+        cache = self._init_cache(len(all_rows), cache_len)
         knobs = SamplingArrays.from_params(knobs_list)
         cfg_scale = jnp.asarray([k.cfg_scale for k in knobs_list], jnp.float32)
         vocab = self.cfg.vocab_size if head == "text" else self.cfg.vision_vocab_size
@@ -208,7 +225,7 @@ class Generator:
             logits, cache = steps.prefill_chunk(
                 self.params, self.cfg, jnp.asarray(batch.tokens[:, sl]),
                 jnp.asarray(batch.vision_mask[:, sl]), jnp.asarray(batch.attention_mask[:, sl]),
-                jnp.asarray(batch.positions[:, sl]), cache, head)
+                jnp.asarray(batch.positions[:, sl]), cache, head, self.mesh)
             if on_prefill_chunk is not None:
                 on_prefill_chunk(c + 1, n_chunks)
 
@@ -231,7 +248,7 @@ class Generator:
                 return
             feed = np.concatenate([host_tokens, host_tokens]) if use_cfg else host_tokens
             logits, cache = steps.decode_step(self.params, self.cfg, jnp.asarray(feed),
-                                              jnp.asarray(positions), cache, head)
+                                              jnp.asarray(positions), cache, head, self.mesh)
             positions = positions + 1
 
     def generate(self, rows: Sequence[PromptRow], sampling: SamplingParams | Sequence[SamplingParams],

@@ -5,6 +5,11 @@
 * `decode_step` feeds one token per row and returns next-token logits;
 * `sample_next` turns logits into tokens (with CFG mixing and logprobs).
 
+With a `mesh` (static), both steps run the sequence-parallel paths of
+model/ring_attention.py: params and cache must then be placed with
+model/sharding.py (`shard_params`, `init_sharded_cache`). Without one, the
+single-device path is unchanged.
+
 Shapes are bucketed by the caller (`bucket_length`) so that each function
 compiles once per (batch, bucket) and not once per request length. The cache is
 donated: XLA updates it in place.
@@ -17,7 +22,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
+from lwm_serve.model import ring_attention
 from lwm_serve.model import sampling
 from lwm_serve.model import transformer
 from lwm_serve.model.config import ModelConfig
@@ -40,21 +47,26 @@ def bucket_length(n: int, minimum: int = MIN_BUCKET) -> int:
     return int(math.ceil(n / step) * step)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "head"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "head", "mesh"), donate_argnames=("cache",))
 def prefill_chunk(params: Params, cfg: ModelConfig, tokens: jax.Array, vision_mask: jax.Array,
                   attention_mask: jax.Array, positions: jax.Array, cache: KVCache,
-                  head: Head) -> tuple[jax.Array, KVCache]:
+                  head: Head, mesh: Mesh | None = None) -> tuple[jax.Array, KVCache]:
     """Write a [B, C] chunk into the cache; logits [B, V] of its last position."""
-    out = transformer.forward(params, cfg, tokens, vision_mask, positions,
-                              attention_mask=attention_mask, cache=cache, heads=(head,),
-                              last_only=True)
+    if mesh is not None:
+        out = ring_attention.forward_cached(params, cfg, mesh, tokens, vision_mask, positions, cache,
+                                            attention_mask=attention_mask, heads=(head,),
+                                            last_only=True)
+    else:
+        out = transformer.forward(params, cfg, tokens, vision_mask, positions,
+                                  attention_mask=attention_mask, cache=cache, heads=(head,),
+                                  last_only=True)
     logits = out.text_logits if head == "text" else out.vision_logits
     return logits[:, -1], out.cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "head"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "head", "mesh"), donate_argnames=("cache",))
 def decode_step(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
-                cache: KVCache, head: Head) -> tuple[jax.Array, KVCache]:
+                cache: KVCache, head: Head, mesh: Mesh | None = None) -> tuple[jax.Array, KVCache]:
     """One token per row. tokens, positions: [B]. Returns logits [B, V] and the cache.
 
     A decode step's single token is a vision code exactly when sampling the
@@ -62,8 +74,12 @@ def decode_step(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
     """
     tokens = tokens[:, None]
     vision_mask = jnp.full(tokens.shape, head == "vision")
-    out = transformer.forward(params, cfg, tokens, vision_mask, positions[:, None],
-                              cache=cache, heads=(head,))
+    if mesh is not None:
+        out = ring_attention.forward_cached(params, cfg, mesh, tokens, vision_mask, positions[:, None],
+                                            cache, heads=(head,))
+    else:
+        out = transformer.forward(params, cfg, tokens, vision_mask, positions[:, None],
+                                  cache=cache, heads=(head,))
     logits = out.text_logits if head == "text" else out.vision_logits
     return logits[:, -1], out.cache
 

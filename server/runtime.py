@@ -138,6 +138,21 @@ def _check_vocab(tokenizer: TextTokenizer, cfg: ModelConfig) -> None:
                        tokenizer.vocab_size, cfg.vocab_size)
 
 
+def _check_capacity(cfg: ModelConfig, mesh: Any, dtype: str, context: int, prefill_chunk: int,
+                    device_memory: int | None) -> None:
+    from lwm_serve.model import planner
+
+    shape = planner.MeshShape.of(mesh) if mesh is not None else planner.MeshShape()
+    try:
+        fit = planner.check_fits(cfg, shape, dtype=dtype, context=context,
+                                 prefill_chunk=prefill_chunk, device_memory=device_memory)
+    except planner.CapacityError as exc:
+        raise LoadError(f"the configured context does not fit: {exc} "
+                        "(lower --max-model-len or change --mesh)") from exc
+    logger.info("capacity: %.2f GiB per device of %.2f GiB usable (mesh %s, context %d)",
+                fit.total_bytes / 2**30, fit.usable_bytes / 2**30, shape, context)
+
+
 def load_vqgan(path: str | os.PathLike, config_path: str | os.PathLike | None = None) -> vq.VQGAN:
     """The reference's VQGAN params pickle (restricted unpickler) + its config JSON
     (default: config.json beside it, else the real LWM VQGAN's shape)."""
@@ -159,8 +174,14 @@ def load_runtime(model: str = DEMO, *, model_config_spec: str | None = None,
                  tokenizer: str | None = None, vqgan: str | None = None,
                  served_model_name: str | None = None, dtype: str = "float32",
                  max_model_len: int | None = None, prefill_chunk: int = 2048,
-                 mesh: Any = None, progress: bool = True) -> Runtime:
-    """Load weights, tokenizer and (optionally) the VQGAN; validate they fit together."""
+                 mesh: Any = None, device_memory: int | None = None,
+                 progress: bool = True) -> Runtime:
+    """Load weights, tokenizer and (optionally) the VQGAN; validate they fit together.
+
+    Before any weight is read, the capacity planner checks that parameters, the
+    KV cache of `max_model_len` tokens and the prefill peak fit each device
+    (`device_memory` bytes; default: what the accelerator reports, else 32 GiB).
+    """
     name = served_model_name
     if model == DEMO:
         root = ensure_demo()
@@ -187,6 +208,8 @@ def load_runtime(model: str = DEMO, *, model_config_spec: str | None = None,
             raise LoadError("no tokenizer: pass --tokenizer (a directory with tokenizer.model)")
     tok = TextTokenizer(tokenizer)
     _check_vocab(tok, cfg)
+    _check_capacity(cfg, mesh, dtype, max_model_len or cfg.max_sequence_length, prefill_chunk,
+                    device_memory)
     shardings = None
     if mesh is not None:
         from lwm_serve.model import sharding

@@ -73,3 +73,10 @@ def test_max_model_len_beyond_model_is_refused(reference_dir):
     with pytest.raises(runtime.LoadError, match="exceeds"):
         runtime.load_runtime(str(reference_dir / "model" / "params_scan"),
                              tokenizer=str(reference_dir / "tokenizer"), max_model_len=10**7)
+
+
+def test_context_that_cannot_fit_is_refused_before_loading(reference_dir):
+    """The planner runs at start: 8K tokens of the fixture model do not fit in 1 MiB."""
+    with pytest.raises(runtime.LoadError, match="does not fit"):
+        runtime.load_runtime(str(reference_dir / "model" / "params_scan"),
+                             tokenizer=str(reference_dir / "tokenizer"), device_memory=1 << 20)
