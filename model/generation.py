@@ -15,13 +15,12 @@ so sampled tokens equal the reference's for the same seed.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from jax.sharding import Mesh
 
 from lwm_serve.model import sharding as sharding_lib
@@ -147,7 +146,6 @@ class Generator:
     prefill_chunk: int = 2048
     max_context: int | None = None
     mesh: Mesh | None = None
-    _compiled_shapes: set = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         if self.mesh is not None:

@@ -66,9 +66,9 @@ def test_bf16_compute_deviation_is_bounded(reference_dir, reference_params, refe
         b = np.asarray(getattr(bf, name))[valid]
         assert np.isfinite(b).all()
         rel = np.abs(a - b).max() / np.abs(a).max()
-        # bf16 has an 8-bit mantissa (~0.4% per rounding); two layers keep the
-        # error within a few percent of the logit range.
-        assert rel < 0.05, (name, rel)
+        # bf16 has an 8-bit mantissa (~0.4% per rounding). Measured on this
+        # model: 0.56% (text) and 0.72% (vision) of the largest |logit|.
+        assert rel < 0.02, (name, rel)
         assert rel > 0, "bf16 path produced fp32-identical logits: it did not run in bf16"
 
 
