@@ -72,10 +72,16 @@ def attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> P
 
 
 def merge(a: Partial, b: Partial) -> Partial:
-    """Combine two partials over disjoint key blocks (the online-softmax step)."""
+    """Combine two partials over disjoint key blocks (the online-softmax step).
+
+    Also correct for partials that saw no key at all (max = -inf, which block
+    skipping leaves behind): the shared max is then taken as 0 so that
+    exp(-inf - max) = 0 instead of exp(-inf + inf) = NaN.
+    """
     new_max = jnp.maximum(a.max, b.max)
-    scale_a = jnp.exp(a.max - new_max)
-    scale_b = jnp.exp(b.max - new_max)
+    safe = jnp.where(jnp.isneginf(new_max), 0.0, new_max)
+    scale_a = jnp.exp(a.max - safe)
+    scale_b = jnp.exp(b.max - safe)
     return Partial(
         a.out * scale_a[..., None] + b.out * scale_b[..., None],
         new_max,
@@ -102,50 +108,9 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -
     return finalize(attend_block(q, k, v, mask), q.dtype)
 
 
-def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                        key_block: int) -> jax.Array:
-    """Same result as `dense_attention`, scanning keys in blocks of `key_block`.
-
-    Keeps the live score tensor at [B, N, T, key_block]: what a long chunked
-    prefill needs on one device. S must be a multiple of `key_block`.
-    """
-    b, t, n, d = q.shape
-    s = k.shape[1]
-    if s % key_block:
-        raise ValueError(f"key length {s} is not a multiple of the key block {key_block}")
-    blocks = s // key_block
-
-    def body(acc: Partial, i: jax.Array) -> tuple[Partial, None]:
-        start = i * key_block
-        kb = jax.lax.dynamic_slice_in_dim(k, start, key_block, axis=1)
-        vb = jax.lax.dynamic_slice_in_dim(v, start, key_block, axis=1)
-        mb = jax.lax.dynamic_slice_in_dim(mask, start, key_block, axis=2)
-        return merge(acc, attend_block(q, kb, vb, mb)), None
-
-    acc, _ = jax.lax.scan(body, empty_partial(b, t, n, d), jnp.arange(blocks))
-    return finalize(acc, q.dtype)
-
-
 # --------------------------------------------------------------------------- sequence-parallel helpers
 # Added for RingAttention and the sequence-sharded cache (model/ring_attention.py owns
 # the shard_map / ppermute schedule; the math it runs is here).
-
-
-def combine(a: Partial, b: Partial) -> Partial:
-    """`merge` that also accepts partials which saw no key at all (max = -inf).
-
-    Block skipping leaves such partials behind (a left-pad query, a cache shard with
-    no valid slot yet); plain `merge` of two of them computes exp(-inf + inf) = NaN.
-    """
-    new_max = jnp.maximum(a.max, b.max)
-    safe = jnp.where(jnp.isneginf(new_max), 0.0, new_max)
-    scale_a = jnp.exp(a.max - safe)
-    scale_b = jnp.exp(b.max - safe)
-    return Partial(
-        a.out * scale_a[..., None] + b.out * scale_b[..., None],
-        new_max,
-        a.sum * scale_a + b.sum * scale_b,
-    )
 
 
 def combine_across(p: Partial, axis_name: str) -> Partial:
@@ -240,7 +205,7 @@ def blockwise_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Arr
         def body(acc: Partial, ks: tuple) -> tuple[Partial, None]:
             kc, vc, ki, kv, kseg = ks
             mask = index_mask(qi, ki, kv, qs if use_segments else None, kseg)
-            acc = jax.lax.cond(jnp.any(mask), lambda a: combine(a, attend_block(qc, kc, vc, mask)),
+            acc = jax.lax.cond(jnp.any(mask), lambda a: merge(a, attend_block(qc, kc, vc, mask)),
                                lambda a: a, acc)
             return acc, None
 

@@ -13,7 +13,7 @@ Three schedules, each a `shard_map` over the whole mesh:
 * **chunk vs cache** (chunked prefill): besides the ring within the chunk, the
   chunk's query blocks travel the same ring with their fp32 accumulators while
   the cache stays put; each device adds its cache shard's partial to the
-  visiting block (`attention.combine`, the online-softmax merge) and writes the
+  visiting block (`attention.merge`, the online-softmax merge) and writes the
   visiting key/value tokens whose slots it owns. Nothing of size chunk or
   cache is ever gathered: per device O(chunk/sp) activations and
   (q_block x k_block) score tiles over its own shard.
@@ -143,7 +143,7 @@ def _ring_partial(q, k, v, q_index, k_index, k_valid, q_segment, k_segment, *, s
         part = attn.blockwise_partial(q, kb, vb, q_index, ki, kv, q_block=q_block, k_block=k_block,
                                       q_segment=q_segment if use_segments else None,
                                       k_segment=ks if use_segments else None)
-        acc = attn.combine(acc, part)
+        acc = attn.merge(acc, part)
         # Send our block on, receive the previous device's. After sp steps every
         # block has visited every device (the last send returns it home).
         blk = jax.tree_util.tree_map(lambda x: jax.lax.ppermute(x, SP, perm), blk)
@@ -194,12 +194,12 @@ def _prefill_local(q, k, v, slots, tok_valid, cache_k, cache_v, cache_valid, *, 
     def step(carry, _):
         within, kv_blk, q_blk, cache_k, cache_v = carry
         kb, vb, kslot, kvalid = kv_blk
-        within = attn.combine(within, attn.blockwise_partial(
+        within = attn.merge(within, attn.blockwise_partial(
             q, kb, vb, slots, kslot, kvalid, q_block=q_block, k_block=k_block))
         cache_k, cache_v = _write_local(cache_k, cache_v, kb, vb, kslot, sp=sp)
         qb, qslot, past = q_blk
         # Only slots valid before this chunk: the chunk itself is the ring's part.
-        past = attn.combine(past, attn.blockwise_partial(
+        past = attn.merge(past, attn.blockwise_partial(
             qb, cache_k, cache_v, qslot, k_slots, cache_valid, q_block=q_block, k_block=k_block))
         kv_blk, q_blk = jax.tree_util.tree_map(
             lambda x: jax.lax.ppermute(x, SP, perm), (kv_blk, (qb, qslot, past)))
@@ -208,7 +208,7 @@ def _prefill_local(q, k, v, slots, tok_valid, cache_k, cache_v, cache_valid, *, 
     empty = attn.empty_partial(b, t, n, d)
     init = (empty, (k, v, slots, tok_valid), (q, slots, empty), cache_k, cache_v)
     (within, _, (_, _, past), cache_k, cache_v), _ = jax.lax.scan(step, init, None, length=sp)
-    out = attn.finalize_or_zero(attn.combine(within, past), q.dtype)
+    out = attn.finalize_or_zero(attn.merge(within, past), q.dtype)
     return out, cache_k, cache_v
 
 
