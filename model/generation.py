@@ -27,7 +27,7 @@ from lwm_serve.model import sharding as sharding_lib
 from lwm_serve.model import steps
 from lwm_serve.model.config import ModelConfig
 from lwm_serve.model.kv_cache import init_cache
-from lwm_serve.model.params import Params
+from lwm_serve.model.params import Params, unstack_layers
 from lwm_serve.model.sampling import SamplingArrays, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,8 @@ class Generator:
     """Holds the weights and runs generation for a batch of prompt rows.
 
     Attributes:
-      params, cfg: the model.
+      params, cfg: the model (a scanned tree is re-laid per layer for speed,
+        see `params.unstack_layers`).
       prefill_chunk: longest prompt piece prefilled in one step; longer prompts
         are prefilled chunk by chunk, each attending to the cache so far.
       max_context: the longest prompt + generation accepted (default: the
@@ -148,6 +149,7 @@ class Generator:
     mesh: Mesh | None = None
 
     def __post_init__(self) -> None:
+        self.params, self.cfg = unstack_layers(self.params, self.cfg)
         if self.mesh is not None:
             sharding_lib.validate(self.cfg, self.mesh)
             self.params = sharding_lib.shard_params(self.params, self.cfg, self.mesh)

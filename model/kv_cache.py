@@ -1,10 +1,14 @@
 """The preallocated key/value cache.
 
-Layout, for all layers at once (so it scans with the scanned parameters):
+Layout:
 
-    k, v   [L, B, S, K, D]   L layers, B rows, S slots, K kv heads, D head dim
+    k, v   L arrays [B, S, K, D]   one per layer: B rows, S slots, K kv heads, D head dim
     valid  [B, S] bool       the slot holds a real token (False: empty or left pad)
     index  [B] int32         next slot each row writes to
+
+One array per layer rather than one stacked [L, ...] array: a step writes each
+layer's new slots and then reads that layer, and with separate buffers XLA
+does both in place; with a stacked buffer it copies the whole cache per layer.
 
 Rows advance independently (each has its own `index`), which is what a batch of
 requests of different lengths needs. Attention over the cache is causal by slot:
@@ -24,18 +28,18 @@ from lwm_serve.model.config import ModelConfig
 
 @dataclasses.dataclass
 class KVCache:
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     valid: jax.Array
     index: jax.Array
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[2]
+        return self.valid.shape[1]
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.valid.shape[0]
 
 
 jax.tree_util.register_dataclass(
@@ -46,10 +50,11 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_length: int,
                dtype: jnp.dtype | str | None = None) -> KVCache:
     """An empty cache of `max_length` slots per row, in the compute dtype by default."""
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (cfg.num_hidden_layers, batch_size, max_length, cfg.kv_heads, cfg.head_dim)
+    shape = (batch_size, max_length, cfg.kv_heads, cfg.head_dim)
+    layers = range(cfg.num_hidden_layers)
     return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        k=tuple(jnp.zeros(shape, dtype) for _ in layers),
+        v=tuple(jnp.zeros(shape, dtype) for _ in layers),
         valid=jnp.zeros((batch_size, max_length), jnp.bool_),
         index=jnp.zeros((batch_size,), jnp.int32),
     )
@@ -71,11 +76,3 @@ def update_layer(k_layer: jax.Array, v_layer: jax.Array, new_k: jax.Array, new_v
     k_layer = k_layer.at[rows, slots].set(new_k.astype(k_layer.dtype), mode="drop")
     v_layer = v_layer.at[rows, slots].set(new_v.astype(v_layer.dtype), mode="drop")
     return k_layer, v_layer
-
-
-def advance(cache: KVCache, k: jax.Array, v: jax.Array, slots: jax.Array,
-            token_valid: jax.Array) -> KVCache:
-    """The cache after writing T tokens per row (k, v already updated per layer)."""
-    rows = jnp.arange(cache.valid.shape[0])[:, None]
-    valid = cache.valid.at[rows, slots].set(token_valid, mode="drop")
-    return KVCache(k=k, v=v, valid=valid, index=cache.index + slots.shape[1])

@@ -117,7 +117,7 @@ def _specs(mesh: Mesh, batch: int, kv_heads: int) -> _Specs:
     sp = mesh.shape[SP]
     kv = _entries(sharding.spec_for(sharding.KEY_VALUE, (batch, sp, kv_heads, 1), mesh), 4)
     b_ax, t_ax, h_ax = kv[0], kv[1], kv[2]
-    cache = _entries(sharding.spec_for(sharding.CACHE_KV_LAYER, (batch, sp, kv_heads, 1), mesh), 4)
+    cache = _entries(sharding.spec_for(sharding.CACHE_KV, (batch, sp, kv_heads, 1), mesh), 4)
     s_ax = cache[1]
     return _Specs(
         q=PartitionSpec(b_ax, t_ax, h_ax), kv=PartitionSpec(b_ax, t_ax, h_ax),

@@ -80,8 +80,7 @@ ACTIVATION = (BATCH, LENGTH, ACT_EMBED)                  # [B, T, H]
 QUERY = (BATCH, LENGTH, HEADS, HEAD_DIM)                 # [B, T, N, D]
 KEY_VALUE = (BATCH, LENGTH, KV_HEADS, HEAD_DIM)          # [B, T, K, D]
 TOKENS = (BATCH, LENGTH)                                 # [B, T]
-CACHE_KV = (LAYERS, BATCH, CACHE_LENGTH, KV_HEADS, HEAD_DIM)  # [L, B, S, K, D]
-CACHE_KV_LAYER = (BATCH, CACHE_LENGTH, KV_HEADS, HEAD_DIM)    # [B, S, K, D]
+CACHE_KV = (BATCH, CACHE_LENGTH, KV_HEADS, HEAD_DIM)      # [B, S, K, D], one array per layer
 CACHE_VALID = (BATCH, CACHE_LENGTH)                      # [B, S]
 CACHE_INDEX = (BATCH,)                                   # [B]
 
@@ -275,8 +274,8 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 def cache_shardings(mesh: Mesh, cache: Any) -> Any:
     """A KVCache-shaped tree of NamedShardings for `cache` (arrays or ShapeDtypeStructs)."""
     return type(cache)(
-        k=named(mesh, CACHE_KV, cache.k.shape),
-        v=named(mesh, CACHE_KV, cache.v.shape),
+        k=tuple(named(mesh, CACHE_KV, x.shape) for x in cache.k),
+        v=tuple(named(mesh, CACHE_KV, x.shape) for x in cache.v),
         valid=named(mesh, CACHE_VALID, cache.valid.shape),
         index=named(mesh, CACHE_INDEX, cache.index.shape),
     )

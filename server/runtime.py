@@ -32,7 +32,7 @@ from lwm_serve.model import checkpoint
 from lwm_serve.model import config as model_config
 from lwm_serve.model.config import ModelConfig
 from lwm_serve.model.generation import Generator
-from lwm_serve.model.params import init_params
+from lwm_serve.model.params import init_params, unstack_layers
 from lwm_serve.tokenizers import vqgan as vq
 from lwm_serve.tokenizers.demo_tokenizer import build_demo_tokenizer
 from lwm_serve.tokenizers.text import TextTokenizer
@@ -216,7 +216,10 @@ def load_runtime(model: str = DEMO, *, model_config_spec: str | None = None,
         shardings = sharding.param_shardings(cfg, mesh)
     params = checkpoint.load_checkpoint(weights, cfg, dtype=dtype, shardings=shardings,
                                         progress=progress)
-    generator = Generator(params, cfg, prefill_chunk=prefill_chunk, max_context=max_model_len,
+    # The Generator computes from per-layer arrays; converting here, consuming
+    # the loaded tree tensor by tensor, keeps the peak at one extra tensor.
+    params, compute_cfg = unstack_layers(params, cfg, consume=True)
+    generator = Generator(params, compute_cfg, prefill_chunk=prefill_chunk, max_context=max_model_len,
                           **({"mesh": mesh} if mesh is not None else {}))
     vq_model = load_vqgan(vqgan) if vqgan else None
     name = name or Path(checkpoint.parse_spec(weights)).name

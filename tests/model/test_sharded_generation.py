@@ -96,14 +96,14 @@ def test_cache_stays_sequence_sharded_with_each_slot_on_its_owner(spec):
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=FP32_TOL, rtol=0)
 
     bsplit = mesh.shape["dp"] * mesh.shape["fsdp"]
-    local = (cfg.num_hidden_layers, 2 // bsplit, 64 // sp, cfg.kv_heads // mesh.shape["tp"], cfg.head_dim)
-    assert {s.data.shape for s in cache.k.addressable_shards} == {local}
+    local = (2 // bsplit, 64 // sp, cfg.kv_heads // mesh.shape["tp"], cfg.head_dim)
+    assert all({s.data.shape for s in layer.addressable_shards} == {local} for layer in cache.k)
     np.testing.assert_array_equal(np.asarray(cache.index), np.asarray(ref.index))
     phys = np.asarray(ra.physical_index(jnp.arange(64), 64, sp))
     np.testing.assert_array_equal(np.asarray(cache.valid)[:, phys], np.asarray(ref.valid))
     slot_valid = np.asarray(ref.valid)
-    for got, want in ((cache.k, ref.k), (cache.v, ref.v)):
-        np.testing.assert_allclose(np.asarray(got)[:, :, phys][:, slot_valid], np.asarray(want)[:, slot_valid],
+    for got, want in ((np.stack(cache.k), np.stack(ref.k)), (np.stack(cache.v), np.stack(ref.v))):
+        np.testing.assert_allclose(got[:, :, phys][:, slot_valid], want[:, slot_valid],
                                    atol=FP32_TOL, rtol=0)
     # Shard d holds exactly the slots s with s % sp == d.
     per_shard = np.asarray(cache.valid).reshape(2, sp, 64 // sp)
