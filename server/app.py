@@ -20,7 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from lwm_serve.server.config import ServerSettings
 from lwm_serve.server.errors import install_error_handlers
 from lwm_serve.server.metrics import HttpCounter, MetricsMiddleware
-from lwm_serve.server.routes import chat, completions, health, models
+from lwm_serve.server.routes import chat, completions, files, health, models, video
 from lwm_serve.server.schemas.chat import ChatCompletionRequest, ChatMessage
 from lwm_serve.server.services import RuntimeLike, Services, build_services
 
@@ -78,6 +78,7 @@ def build_app(settings: ServerSettings, runtime: RuntimeLike | None = None) -> F
             app.state.ready = False
             warm.cancel()
             await asyncio.to_thread(services.engine.stop)
+            services.close()
             logger.info("engine stopped")
 
     app = FastAPI(title="lwm-serve", version="0.1.0", lifespan=lifespan,
@@ -86,7 +87,8 @@ def build_app(settings: ServerSettings, runtime: RuntimeLike | None = None) -> F
     app.state.services = None
     app.state.ready = False
     app.state.http_counter = HttpCounter()
-    for router in (health.router, models.router, chat.router, completions.router):
+    for router in (health.router, models.router, chat.router, completions.router, files.router,
+                   video.router):
         app.include_router(router)
     app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                        allow_headers=["*"])

@@ -95,8 +95,30 @@ class ServerSettings(BaseSettings):
         "chat completion length when the request sets none (capped by the free context)"))
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 queue-full answers")
     warmup: bool = Field(True, description="compile with one tiny generation before /ready says yes")
+    # --- files and media (images / video)
+    data_dir: Path | None = Field(None, description=(
+        "where uploaded files (files/) and the VQGAN code cache (vision_cache/) live; survives "
+        "restarts. Default: $LWM_SERVE_HOME/data or ~/.cache/lwm-serve/data"))
+    max_upload_bytes: int = Field(2 * 1024**3, ge=1, description=(
+        "largest accepted upload / data URL / fetched media, in bytes (413 beyond)"))
+    max_video_seconds: float | None = Field(4 * 3600.0, gt=0, description=(
+        "longest accepted video in seconds (400 beyond); unset: no limit"))
+    vision_cache_bytes: int | None = Field(None, ge=1, description=(
+        "size cap of the VQGAN code cache (least recently used entries evicted); unset: no cap"))
+    media_url_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
+        "domains from which image_url/video_url may fetch http(s) media (comma-separated in the "
+        "env; a domain also allows its subdomains); empty: remote URLs are refused"))
+    media_fetch_timeout_s: float = Field(30.0, gt=0, description="timeout of one remote media fetch read")
+    frame_layout: Literal["standard", "vision_chat"] = Field("standard", description=(
+        "frame delimiters in the prompt. 'standard': 8192 after every frame but the last, 8193 "
+        "after the last; the layout LWM was trained on (lwm/data.py, DESIGN.md). 'vision_chat': "
+        "8193 after EVERY frame; exactly what the reference vision_chat script feeds (it VQGAN-"
+        "encodes one frame per batch and ends each batch with 8193). One image: both agree"))
+    auto_fps: bool = Field(False, description=(
+        "when a video's frames do not fit the context, sample fewer (lower fps / max_frames) "
+        "instead of answering 400; a request can also ask with the extra 'auto_fps': true"))
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "media_url_allowlist", mode="before")
     @classmethod
     def _lists_from_env(cls, value: Any) -> Any:
         return _split_keys(value)
@@ -136,6 +158,26 @@ class ServerSettings(BaseSettings):
         if self.vqgan is not None and not Path(self.vqgan).is_file():
             raise ValueError(f"VQGAN params {self.vqgan!r} do not exist")
         return self
+
+    @field_validator("media_url_allowlist")
+    @classmethod
+    def _clean_domains(cls, value: list[str]) -> list[str]:
+        out = []
+        for domain in value:
+            d = domain.strip().lower().rstrip(".")
+            if not d or any(c in d for c in "/:@?# "):
+                raise ValueError(f"media_url_allowlist entries are bare domains (e.g. example.com), got {domain!r}")
+            out.append(d)
+        return out
+
+    def resolved_data_dir(self) -> Path:
+        """`data_dir`, or its default under $LWM_SERVE_HOME (~/.cache/lwm-serve)."""
+        if self.data_dir is not None:
+            return Path(self.data_dir)
+        import os
+
+        home = os.environ.get("LWM_SERVE_HOME") or Path.home() / ".cache" / "lwm-serve"
+        return Path(home) / "data"
 
     @property
     def mesh_size(self) -> int | None:

@@ -7,7 +7,9 @@ from fastapi import Request
 from lwm_serve.server.errors import ServiceUnavailableError
 from lwm_serve.server.handlers.chat import ChatHandler
 from lwm_serve.server.handlers.completions import CompletionHandler
+from lwm_serve.server.handlers.files import FilesHandler
 from lwm_serve.server.handlers.models import ModelsHandler
+from lwm_serve.server.handlers.video_questions import VideoQuestionHandler
 from lwm_serve.server.services import Services
 
 
@@ -29,3 +31,11 @@ def get_completion_handler(request: Request) -> CompletionHandler:
 
 def get_models_handler(request: Request) -> ModelsHandler:
     return get_services(request).models
+
+
+def get_files_handler(request: Request) -> FilesHandler:
+    return get_services(request).files
+
+
+def get_video_handler(request: Request) -> VideoQuestionHandler:
+    return get_services(request).video

@@ -69,6 +69,14 @@ class ModelNotFoundError(NotFoundError):
                          param="model")
 
 
+class PayloadTooLargeError(APIError):
+    status, type, default_code = 413, "invalid_request_error", "file_too_large"
+
+
+class UnsupportedMediaTypeError(APIError):
+    status, type, default_code = 415, "invalid_request_error", "unsupported_media_type"
+
+
 class AuthenticationError(APIError):
     status, type, default_code = 401, "invalid_request_error", "invalid_api_key"
 
@@ -81,9 +89,36 @@ def _domain_error_types() -> tuple[type[Exception], ...]:
     """Exceptions that are the client's fault or load (not bugs): mapped, never 500."""
     from lwm_serve.tokenizers.chat_template import TemplateError
     from lwm_serve.tokenizers.errors import MediaError
+    from lwm_serve.server.stores.files import FileStoreError
     from lwm_serve.tokenizers.text import TokenizerError
+    from lwm_serve.tokenizers.vision_layout import VisionLayoutError
 
-    return (ContextLengthError, QueueFullError, TemplateError, TokenizerError, MediaError)
+    return (ContextLengthError, QueueFullError, TemplateError, TokenizerError, MediaError, FileStoreError,
+            VisionLayoutError)
+
+
+def _media_or_file_error(exc: BaseException, param: str | None) -> APIError | None:
+    """Uploads and media: 404 unknown file, 413 too large, 415 unsupported type, else 400."""
+    from lwm_serve.server.stores import files
+    from lwm_serve.tokenizers import errors as media
+
+    if isinstance(exc, files.FileNotFound):
+        return NotFoundError(str(exc), param=param or "file_id", code="file_not_found")
+    if isinstance(exc, files.FileTooLarge):
+        return PayloadTooLargeError(str(exc), param=param or "file")
+    if isinstance(exc, files.EmptyFile):
+        return InvalidRequestError(str(exc), param=param or "file", code="empty_file")
+    codes: list[tuple[type[Exception], str]] = [
+        (media.EmptyMediaError, "empty_media"), (media.CorruptMediaError, "corrupt_media"),
+        (media.NoVideoStreamError, "no_video_stream"), (media.MediaTooLongError, "media_too_long")]
+    if isinstance(exc, media.UnsupportedMediaError):
+        return UnsupportedMediaTypeError(str(exc), param=param)
+    for cls, code in codes:
+        if isinstance(exc, cls):
+            return InvalidRequestError(str(exc), param=param, code=code)
+    if isinstance(exc, media.MediaError):
+        return InvalidRequestError(str(exc), param=param, code="invalid_media")
+    return None
 
 
 def to_api_error(exc: BaseException, *, param: str | None = None) -> APIError:
@@ -100,6 +135,9 @@ def to_api_error(exc: BaseException, *, param: str | None = None) -> APIError:
     if isinstance(exc, QueueFullError):
         return ServiceUnavailableError(str(exc), code="queue_full",
                                        headers={"Retry-After": str(exc.retry_after_s)})
+    mapped = _media_or_file_error(exc, param)
+    if mapped is not None:
+        return mapped
     if isinstance(exc, _domain_error_types()[2:]):
         return InvalidRequestError(str(exc), param=param)  # tokenizer/template/media: the request's fault
     return APIError("internal server error (this is a bug; it was logged)", code="internal_error")

@@ -1,4 +1,8 @@
-"""The objects built once at startup from a loaded runtime: engine and handlers."""
+"""The objects built once at startup from a loaded runtime: engine, stores and handlers.
+
+Files live under `<data_dir>/files` (FileStore: blobs + SQLite), VQGAN codes under
+`<data_dir>/vision_cache`, media temp files under `<data_dir>/tmp` (emptied at start).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,13 @@ from lwm_serve.server.engine.engine import Engine
 from lwm_serve.server.handlers.chat import ChatHandler
 from lwm_serve.server.handlers.common import HandlerLimits
 from lwm_serve.server.handlers.completions import CompletionHandler
+from lwm_serve.server.handlers.files import FilesHandler
 from lwm_serve.server.handlers.models import ModelsHandler
+from lwm_serve.server.handlers.video_questions import VideoQuestionHandler
+from lwm_serve.server.media_sources import SourceResolver, TempFiles
+from lwm_serve.server.stores.files import FileStore
+from lwm_serve.server.vision import VisionService
+from lwm_serve.tokenizers.vision_cache import VisionCache
 from lwm_serve.tokenizers.text import TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -55,19 +65,43 @@ class Services:
     completions: CompletionHandler
     models: ModelsHandler
     model_name: str
+    files: FilesHandler
+    video: VideoQuestionHandler
+    vision: VisionService | None = None
+
+    def close(self) -> None:
+        """Releases what the engine does not own (call after the engine stopped)."""
+        if self.vision is not None:
+            self.vision.close()
+        self.files.store.close()
 
 
 def build_services(settings: ServerSettings, runtime: RuntimeLike) -> Services:
-    """Engine + handlers for a loaded runtime (the engine is not started yet)."""
+    """Engine, stores and handlers for a loaded runtime (the engine is not started yet)."""
     check_runtime(runtime)
     name = settings.served_model_name or runtime.model_name
     engine = Engine(runtime.generator, max_queue=settings.max_queue, retry_after_s=settings.retry_after_s)
     limits = HandlerLimits(default_max_tokens=settings.default_max_tokens, max_batch=settings.max_batch)
+    data = settings.resolved_data_dir()
+    store = FileStore(data / "files", settings.max_upload_bytes)
+    vision = None
+    if runtime.vqgan is not None:
+        sources = SourceResolver(store, TempFiles(data / "tmp"), settings.media_url_allowlist,
+                                 settings.max_upload_bytes, settings.media_fetch_timeout_s)
+        vision = VisionService(runtime.vqgan, runtime.tokenizer,
+                               VisionCache(data / "vision_cache", settings.vision_cache_bytes), sources,
+                               layout=settings.frame_layout, context_limit=engine.context_limit,
+                               max_video_seconds=settings.max_video_seconds, auto_fps=settings.auto_fps)
+    logger.info("data dir %s (files, vision cache); VQGAN %s, frame layout %s", data,
+                "loaded" if vision is not None else "absent (image/video requests get 400)", settings.frame_layout)
     return Services(
         runtime=runtime,
         engine=engine,
-        chat=ChatHandler(engine, runtime.tokenizer, name, limits),
+        chat=ChatHandler(engine, runtime.tokenizer, name, limits, vision),
         completions=CompletionHandler(engine, runtime.tokenizer, name, runtime.cfg.vocab_size, limits),
         models=ModelsHandler(name, int(time.time())),
         model_name=name,
+        files=FilesHandler(store),
+        video=VideoQuestionHandler(engine, runtime.tokenizer, name, vision, limits),
+        vision=vision,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from fastapi import Request
@@ -27,16 +28,37 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CLIENT_CLOSED = 499  # nginx's code: the client closed the request
 
 
+class SSEComment(str):
+    """A comment line (`: text`): progress that OpenAI clients skip."""
+
+
+@dataclass(frozen=True)
+class SSEEvent:
+    """A named event (`event: name` + `data: json`), e.g. progress on /v1/video/questions."""
+
+    event: str
+    data: dict[str, Any]
+
+
 def sse_data(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def sse_events(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
-    """Frames chunk dicts as SSE; an error becomes one error event; always ends with [DONE]
-    (unless the client is gone, in which case nothing more is sent)."""
+def sse_frame(chunk: dict | SSEComment | SSEEvent) -> str:
+    if isinstance(chunk, SSEComment):
+        return "".join(f": {line}\n" for line in chunk.splitlines() or [""]) + "\n"
+    if isinstance(chunk, SSEEvent):
+        return f"event: {chunk.event}\n" + sse_data(chunk.data)
+    return sse_data(chunk)
+
+
+async def sse_events(chunks: AsyncIterator[dict | SSEComment | SSEEvent]) -> AsyncIterator[str]:
+    """Frames chunk dicts (and comments / named events) as SSE; an error becomes one
+    error event; always ends with [DONE] (unless the client is gone, in which case
+    nothing more is sent)."""
     try:
         async for chunk in chunks:
-            yield sse_data(chunk)
+            yield sse_frame(chunk)
     except Exception as exc:
         err = to_api_error(exc)
         if err.status >= 500:
@@ -51,7 +73,7 @@ async def sse_events(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
     yield DONE
 
 
-def sse_response(chunks: AsyncIterator[dict]) -> StreamingResponse:
+def sse_response(chunks: AsyncIterator[Any]) -> StreamingResponse:
     return StreamingResponse(sse_events(chunks), media_type="text/event-stream", headers=SSE_HEADERS)
 
 

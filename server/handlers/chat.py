@@ -5,6 +5,13 @@ The prompt is the reference chat format built by `tokenizers.chat_template.build
 is sampled from the text head with the tokenizer's EOS as the stop token (unless
 `ignore_eos`). `n` choices run as n rows of one batch; with a `seed` all rows are
 sampled from one key, so the same seed and n give the same choices.
+
+Images and video (image_url / video_url / file parts, `handlers.media_parts`)
+are resolved and budgeted before anything streams (bad media and too-long
+requests get their 4xx status), then VQGAN-encoded by the `VisionService`
+(cache first) and spliced into the user message that carried them, after its
+text, in the configured frame layout. A streaming request reports ingestion as
+SSE comment lines (`: progress stage=decode ...`) before the first chunk.
 """
 
 from __future__ import annotations
@@ -12,66 +19,52 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import AsyncIterator, Sequence
 
 from lwm_serve.model.generation import PromptRow
 from lwm_serve.server.engine.engine import Engine
 from lwm_serve.server.engine.request import GenerationRequest
-from lwm_serve.server.errors import InvalidRequestError, UnsupportedFeatureError, to_api_error
+from lwm_serve.server.errors import InvalidRequestError, to_api_error
 from lwm_serve.server.handlers import common
 from lwm_serve.server.handlers.choices import choice_events
 from lwm_serve.server.handlers.logprobs import TokenTexts, chat_logprobs
+from lwm_serve.server.handlers.media_parts import MediaPart, ParsedMessage, parse_messages
 from lwm_serve.server.handlers.text_output import ChoiceDecoder
 from lwm_serve.server.schemas.chat import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
-                                           ChatCompletionResponse, ChatMessage, ChatStreamChoice,
+                                           ChatCompletionResponse, ChatStreamChoice,
                                            ChoiceLogprobs, DeltaMessage, ResponseMessage)
+from lwm_serve.server.media_sources import MediaSource
 from lwm_serve.server.schemas.common import UsageInfo, dump
-from lwm_serve.tokenizers.chat_template import Message, TemplateError, build_chat
+from lwm_serve.server.streaming import SSEComment
+from lwm_serve.server.vision import EncodedMedia, IngestEvent, MediaRequest, PlannedMedia, VisionService
+from lwm_serve.tokenizers.chat_template import Message, PromptTokens, TemplateError, build_chat
 from lwm_serve.tokenizers.text import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
 
-def message_text(message: ChatMessage, index: int) -> str:
-    """The text of a message's content (string, or text parts joined by newlines).
-
-    Raises:
-        UnsupportedFeatureError: a non-text part (image_url, video_url, input_audio...).
-        InvalidRequestError: a text part without text, or a user message without content.
-    """
-    content = message.content
-    if content is None:
-        if message.role == "user":
-            raise InvalidRequestError("a user message needs content", param=f"messages[{index}].content")
-        return ""
-    if isinstance(content, str):
-        return content
-    texts = []
-    for j, part in enumerate(content):
-        if part.type != "text":
-            raise UnsupportedFeatureError(f"content part type {part.type!r} is not supported yet",
-                                          param=f"messages[{index}].content[{j}].type")
-        if part.text is None:
-            raise InvalidRequestError("a text content part needs 'text'",
-                                      param=f"messages[{index}].content[{j}].text")
-        texts.append(part.text)
-    return "\n".join(texts)
-
-
-def template_messages(messages: Sequence[ChatMessage]) -> list[Message]:
-    """Wire messages -> chat-template messages (rejecting tool turns)."""
-    out = []
-    for i, m in enumerate(messages):
-        if m.role in ("tool", "function"):
-            raise UnsupportedFeatureError(
-                f"messages with role {m.role!r} are not supported (tools are not supported)",
-                param=f"messages[{i}].role")
-        if m.tool_calls:
-            raise UnsupportedFeatureError("assistant tool_calls are not supported (tools are not supported)",
-                                          param=f"messages[{i}].tool_calls")
-        role = "system" if m.role == "developer" else m.role
-        out.append(Message(role, message_text(m, i)))
+def template_messages(parsed: Sequence[ParsedMessage], media: Sequence[EncodedMedia] = ()) -> list[Message]:
+    """Parsed messages -> chat-template messages, each user message getting its media's
+    frame codes in part order (`media` lists every message's media, in message order)."""
+    out, k = [], 0
+    for m in parsed:
+        codes = tuple(media[k + j].codes for j in range(len(m.media))) if media else ()
+        k += len(m.media)
+        out.append(Message(m.role, m.text, codes))
     return out
+
+
+@dataclass
+class _MediaPlan:
+    """A request's resolved media and their plan; `close()` removes temp files."""
+
+    sources: list[MediaSource]
+    plans: list[PlannedMedia]
+
+    def close(self) -> None:
+        for src in self.sources:
+            src.close()
 
 
 class ChatHandler:
@@ -82,11 +75,13 @@ class ChatHandler:
         tokenizer: the text tokenizer (EOS, encode, incremental decode).
         model_name: the served model id.
         limits: default completion length, most rows per request.
+        vision: images/video -> frame codes (None: the server has no VQGAN; media parts get a 400).
     """
 
     def __init__(self, engine: Engine, tokenizer: TextTokenizer, model_name: str,
-                 limits: common.HandlerLimits = common.HandlerLimits()) -> None:
+                 limits: common.HandlerLimits = common.HandlerLimits(), vision: VisionService | None = None) -> None:
         self.engine, self.tokenizer, self.model_name, self.limits = engine, tokenizer, model_name, limits
+        self.vision = vision
         self.texts = TokenTexts(tokenizer)
 
     async def create(self, req: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[dict]:
@@ -104,11 +99,72 @@ class ChatHandler:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
         common.check_rows(req.n, self.limits.max_batch)
         stops = common.stop_strings(req.stop)
-        messages = template_messages(req.messages)
+        parsed = parse_messages(req.messages)
+        parts = [p for m in parsed for p in m.media]
+        if not parts:
+            return await self._start(req, await self._prompt(parsed), stops)
+        media = await self._plan_media(req, parsed, parts)
+        if req.stream:
+            return self._stream_media(req, parsed, media, stops)
         try:
-            prompt = await asyncio.to_thread(build_chat, self.tokenizer, messages)
+            encoded = await self.vision.encode(media.plans)  # type: ignore[union-attr]
+        finally:
+            media.close()
+        return await self._start(req, await self._prompt(parsed, encoded), stops)
+
+    async def _prompt(self, parsed: Sequence[ParsedMessage], media: Sequence[EncodedMedia] = ()) -> PromptTokens:
+        layout = self.vision.layout if self.vision is not None else "standard"
+        try:
+            return await asyncio.to_thread(build_chat, self.tokenizer, template_messages(parsed, media),
+                                           layout=layout)
         except TemplateError as exc:
             raise to_api_error(exc, param="messages") from exc
+
+    async def _plan_media(self, req: ChatCompletionRequest, parsed: Sequence[ParsedMessage],
+                          parts: Sequence[MediaPart]) -> _MediaPlan:
+        """Resolves every media part and checks the frame budget (4xx before anything streams)."""
+        if self.vision is None:
+            raise InvalidRequestError("this server was started without a VQGAN (--vqgan): image and video "
+                                      "parts need one", param=parts[0].param, code="vision_unavailable")
+        text_only = await self._prompt(parsed)
+        media = _MediaPlan([], [])
+        try:
+            requests = []
+            for part in parts:
+                src = await self.vision.sources.resolve(part.url, part.param)
+                media.sources.append(src)
+                requests.append(MediaRequest(src, part.options.spec(), part.options.auto_fps, part.param))
+            explicit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            media.plans, _ = await self.vision.plan(requests, text_tokens=len(text_only.ids), max_tokens=explicit,
+                                                    auto_fps=req.auto_fps)
+        except BaseException:
+            media.close()
+            raise
+        return media
+
+    async def _stream_media(self, req: ChatCompletionRequest, parsed: Sequence[ParsedMessage], media: _MediaPlan,
+                            stops: list[str]) -> AsyncIterator[dict | SSEComment]:
+        """Ingestion progress as SSE comments (OpenAI clients skip them), then the usual chunks."""
+        try:
+            encoded: list[EncodedMedia] = []
+            async for item in self.vision.encode_events(media.plans):  # type: ignore[union-attr]
+                if isinstance(item, IngestEvent):
+                    yield SSEComment(item.describe())
+                else:
+                    encoded = item
+            media.close()
+            prompt = await self._prompt(parsed, encoded)
+            yield SSEComment(f"progress stage=prefill prompt_tokens={len(prompt.ids)}")
+            stream = await self._start(req, prompt, stops)
+            async with aclosing(stream):  # type: ignore[type-var]
+                async for chunk in stream:  # type: ignore[union-attr]
+                    yield chunk
+        finally:
+            media.close()
+
+    async def _start(self, req: ChatCompletionRequest, prompt: PromptTokens,
+                     stops: list[str]) -> ChatCompletionResponse | AsyncIterator[dict]:
+        """Submits the prompt; the response, or (stream) the chunk iterator."""
         max_tokens = common.resolve_max_tokens(
             req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
             len(prompt.ids), self.engine.context_limit, self.limits.default_max_tokens)
@@ -122,8 +178,8 @@ class ChatHandler:
         gen_request = GenerationRequest(request_id, [row] * req.n, [sampling] * req.n, max_tokens,
                                         seed=req.seed, stop_token_ids=stop_ids, top_logprobs=top_n)
         handle = self.engine.submit(gen_request)  # ContextLengthError / QueueFullError raise here
-        logger.info("[%s] chat: prompt %d tokens, n %d, max_tokens %d, stream %s", request_id,
-                    len(prompt.ids), req.n, max_tokens, req.stream)
+        logger.info("[%s] chat: prompt %d tokens (%d vision), n %d, max_tokens %d, stream %s", request_id,
+                    len(prompt.ids), sum(prompt.vision_mask), req.n, max_tokens, req.stream)
         decoders = [ChoiceDecoder(self.tokenizer, stops, stop_ids, keep_logprobs=req.logprobs)
                     for _ in range(req.n)]
         usage = _Usage(len(prompt.ids), decoders)

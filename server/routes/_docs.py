@@ -12,3 +12,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "unknown model"},
     503: {"model": ErrorResponse, "description": "queue full or model loading (see Retry-After)"},
 }
+
+MEDIA_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    404: {"model": ErrorResponse, "description": "unknown model or file id"},
+    413: {"model": ErrorResponse, "description": "upload larger than the server's limit"},
+    415: {"model": ErrorResponse, "description": "not a supported image or video format"},
+}

@@ -13,8 +13,9 @@ _OMIT_NONE = dict(default=None, exclude_if=lambda v: v is None)
 
 
 class ContentPart(BaseModel):
-    """One part of a message's content. Only `text` parts are served for now;
-    the handler rejects the others by name (image_url, video_url, input_audio...)."""
+    """One part of a message's content: `text`, `image_url`, `video_url` or `file`
+    (see `handlers.media_parts`); other types are rejected by name. Extras (the
+    per-part sampling options fps, max_frames, start, end, auto_fps) are kept."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -64,6 +65,9 @@ class ChatCompletionRequest(OpenAIBaseModel):
     # Extras (the SDK's extra_body), as vLLM names them.
     top_k: int | None = Field(None, ge=-1, description="extra: keep the k most likely tokens (0 or -1: off)")
     ignore_eos: bool = Field(False, description="extra: keep generating after the end-of-sequence token")
+    auto_fps: bool | None = Field(None, description=(
+        "extra: when the request's videos do not fit the context, sample fewer frames instead of a 400 "
+        "(default: the server's auto_fps setting)"))
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(param, message) for every requested feature this server does not implement."""

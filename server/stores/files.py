@@ -168,6 +168,30 @@ class FileStore:
         logger.info("stored %s (%d bytes, sha256 %s…)", file_id, size, sha256[:12])
         return record
 
+    def adopt(self, path: Path, filename: str, purpose: str, sha256: str,
+              content_type: str | None = None) -> StoredFile:
+        """Take ownership of a finished file on the same filesystem (moved, not copied),
+        e.g. a /v1/video/questions upload the client asked to keep."""
+        size = path.stat().st_size
+        if size > self.max_bytes:
+            raise FileTooLarge(self.max_bytes)
+        if size == 0:
+            raise EmptyFile()
+        file_id = self._new_id()
+        tmp = self.blobs / f"{file_id}.part"
+        os.replace(path, tmp)
+        try:
+            return self._commit(tmp, file_id, filename, purpose, size, sha256, content_type)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def set_purpose(self, file_id: str, purpose: str) -> StoredFile:
+        """Relabel a stored file (multipart bodies may name the purpose after the bytes)."""
+        self.get(file_id)
+        with self._lock, self._db:
+            self._db.execute("UPDATE files SET purpose = ? WHERE id = ?", (purpose, file_id))
+        return self.get(file_id)
+
     def delete(self, file_id: str) -> StoredFile:
         record = self.get(file_id)
         with self._lock, self._db:
@@ -201,7 +225,7 @@ class FileStore:
         if purpose:
             query += " WHERE purpose = ?"
             args = (purpose,)
-        query += f" ORDER BY created_at {direction}, id {direction} LIMIT ?"
+        query += f" ORDER BY created_at {direction}, rowid {direction} LIMIT ?"  # rowid: upload order
         with self._lock:
             rows = self._db.execute(query, (*args, limit)).fetchall()
         return [StoredFile(*r) for r in rows]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -40,6 +41,16 @@ def fixture_runtime(reference_dir: Path) -> Runtime:
                         max_model_len=MAX_MODEL_LEN, prefill_chunk=256, progress=False)
 
 
+@pytest.fixture(scope="session")
+def vision_runtime(fixture_runtime: Runtime, reference_dir: Path) -> Runtime:
+    """The fixture model with the fixture's tiny VQGAN (images and video work)."""
+    import dataclasses
+
+    from lwm_serve.server.runtime import load_vqgan
+
+    return dataclasses.replace(fixture_runtime, vqgan=load_vqgan(reference_dir / "vqgan" / "vqgan_params.pkl"))
+
+
 @dataclass
 class LiveServer:
     app: FastAPI
@@ -54,6 +65,14 @@ class LiveServer:
     @property
     def model(self) -> str:
         return self.app.state.services.model_name
+
+    @property
+    def services(self):  # noqa: ANN201 - the app's Services
+        return self.app.state.services
+
+    @property
+    def data_dir(self) -> Path:
+        return self.app.state.settings.resolved_data_dir()
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -85,8 +104,21 @@ def start_server(app: FastAPI, *, ready_timeout: float = 300.0, wait_for: str = 
     raise TimeoutError("the server did not become ready")
 
 
+_DATA_ROOT: list[Path] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _server_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test server keeps its files and vision cache under a session tmp dir."""
+    _DATA_ROOT.append(tmp_path_factory.mktemp("server-data"))
+    return _DATA_ROOT[-1]
+
+
 def settings_for(**overrides: Any) -> ServerSettings:
-    base = dict(api_keys=[API_KEY], max_queue=8, max_batch=8, default_max_tokens=16)
+    """Test settings; without `data_dir`, a fresh data dir per server (never ~/.cache)."""
+    base: dict[str, Any] = dict(api_keys=[API_KEY], max_queue=8, max_batch=8, default_max_tokens=16)
+    if "data_dir" not in overrides:
+        base["data_dir"] = Path(tempfile.mkdtemp(prefix="data-", dir=_DATA_ROOT[-1]))
     return ServerSettings(**{**base, **overrides})
 
 
@@ -111,6 +143,17 @@ def make_server() -> Iterator[Callable[..., LiveServer]]:
     yield make
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def launch() -> Callable[..., LiveServer]:
+    """launch(runtime, wait_for="/ready", **settings): a live server the caller stops
+    (for module-scoped servers; tests use `make_server`)."""
+
+    def go(runtime: Any, *, wait_for: str = "/ready", **overrides: Any) -> LiveServer:
+        return start_server(build_app(settings_for(**overrides), runtime), wait_for=wait_for)
+
+    return go
 
 
 @pytest.fixture(scope="session")
@@ -153,3 +196,56 @@ def sse_events(lines: Iterator[str]) -> list[str]:
 @pytest.fixture(scope="session")
 def parse_sse() -> Callable[[Iterator[str]], list[str]]:
     return sse_events
+
+
+@pytest.fixture(scope="session")
+def server_media(tmp_path_factory: pytest.TempPathFactory, media_kit: Any, reference_dir: Path) -> Path:
+    """Real media for the API tests (tiny clips): good, bad, and the fixture's frames as a lossless clip."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("server-media")
+    media_kit.write_video(d / "h264.mp4", 10, fps=10, gop=5)
+    assert "libvpx-vp9" in av.codecs_available, "this PyAV wheel has no libvpx-vp9 encoder"
+    media_kit.write_video(d / "vp9.webm", 10, fps=10, codec="libvpx-vp9", gop=5)
+    media_kit.write_video(d / "rotated.mp4", 6, fps=10, rotation=90)
+    media_kit.write_audio_only(d / "audio.m4a")
+    full = (d / "h264.mp4").read_bytes()
+    (d / "truncated.mp4").write_bytes(full[: len(full) // 2])
+    (d / "empty.mp4").write_bytes(b"")
+    (d / "notes.txt").write_bytes(b"this is plainly not a media file\n" * 8)
+    frame = media_kit.make_frame(3, 40, 30)
+    (d / "image.png").write_bytes(media_kit.image_bytes(frame, "PNG"))
+    (d / "image.jpg").write_bytes(media_kit.image_bytes(frame, "JPEG", quality=95))
+    (d / "image.gif").write_bytes(media_kit.image_bytes(frame, "GIF"))
+    # The reference's 5-frame video case, lossless (PNG codec in MOV): frames survive exactly.
+    case = reference_dir / "cases" / "vqgan"
+    frames = [np.asarray(Image.open(case / f"video_frame{i}.png").convert("RGB")) for i in range(5)]
+    media_kit.write_video(d / "fixture_clip.mov", 0, fps=5, codec="png", pix_fmt="rgb24", frames=frames)
+    return d
+
+
+def data_url(path: Path, mime: str = "application/octet-stream") -> str:
+    import base64
+
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+@pytest.fixture(scope="session")
+def make_data_url() -> Callable[..., str]:
+    """make_data_url(path, mime): the file as a base64 data URL."""
+    return data_url
+
+
+def leftovers(data_dir: Path) -> list[Path]:
+    """Temp/partial files a request may have left in a server's data dir (must be none)."""
+    out = [p for p in (data_dir / "tmp").glob("*") if p.is_file()] if (data_dir / "tmp").exists() else []
+    out += list((data_dir / "files" / "blobs").glob("*.part"))
+    out += list((data_dir / "vision_cache").glob("*/.tmp-*"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def find_leftovers() -> Callable[[Path], list[Path]]:
+    return leftovers

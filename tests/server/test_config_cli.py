@@ -62,8 +62,10 @@ def test_cli_refuses_a_vocab_mismatch(reference_dir, tmp_path, capsys):
     assert "cannot start" in capsys.readouterr().err
 
 
-def test_cli_generate_prints_the_greedy_answer(reference_dir, capsys, fixture_runtime):
+def test_cli_generate_prints_the_greedy_answer(reference_dir, capsys, fixture_runtime, tmp_path, monkeypatch):
     from lwm_serve.model.generation import PromptRow, seed_key
+
+    monkeypatch.setenv("LWM_SERVE_DATA_DIR", str(tmp_path))  # the services' file store: never ~/.cache
     from lwm_serve.model.sampling import SamplingParams
     from lwm_serve.tokenizers.chat_template import chat_prompt
 

@@ -57,10 +57,10 @@ BATTERY: list[tuple[str, str, Any, int, str | None, tuple[str, ...]]] = [
     ("n above the batch limit", CHAT, {"messages": USER, "n": 64}, 400, "n", ("at most",)),
     ("content part image", CHAT, {"messages": [{"role": "user", "content": [
         {"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
-        400, "messages[0].content[1].type", ("content part type 'image_url' is not supported yet",)),
+        400, "messages[0].content[1]", ("without a VQGAN (--vqgan)",)),
     ("content part video", CHAT, {"messages": [{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": "http://x/y.mp4"}}]}]},
-        400, "messages[0].content[0].type", ("'video_url'",)),
+        400, "messages[0].content[0]", ("without a VQGAN (--vqgan)",)),
     ("content part audio", CHAT, {"messages": [{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]},
         400, "messages[0].content[0].type", ("'input_audio'",)),

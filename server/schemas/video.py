@@ -1,0 +1,128 @@
+"""Wire types of POST /v1/video/questions (multipart in, JSON or SSE out)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from lwm_serve.server.schemas.common import OpenAIBaseModel, ResponseModel
+
+FinishReason = Literal["stop", "length"]
+_OMIT_NONE = dict(default=None, exclude_if=lambda v: v is None)
+
+
+class VideoQuestionForm(OpenAIBaseModel):
+    """The form fields (besides the `file` upload). Sampling fields are validated by
+    `handlers.media_parts.sampling_options` (same rules as the chat part extras)."""
+
+    question: str = Field(min_length=1, description="what to ask about the video or image")
+    file_id: str | None = Field(None, description="a stored file (POST /v1/files) instead of an upload")
+    url: str | None = Field(None, description="a data URL or an allowed http(s) URL instead of an upload")
+    model: str | None = None
+    fps: str | None = Field(None, description="frames per second to sample")
+    max_frames: str | None = Field(None, description="most frames (uniform); default 8 when fps is not given")
+    start: str | None = Field(None, description="range start, seconds")
+    end: str | None = Field(None, description="range end, seconds")
+    auto_fps: str | None = Field(None, description="true: sample fewer frames when the video does not fit")
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    stream: bool = False
+    store: bool = Field(False, description="keep the upload as a file (its id is in the answer)")
+
+    def sampling_fields(self) -> dict[str, str | None]:
+        return {"fps": self.fps, "max_frames": self.max_frames, "start": self.start, "end": self.end,
+                "auto_fps": self.auto_fps}
+
+
+class FrameInfo(ResponseModel):
+    index: int
+    timestamp: float = Field(description="presentation time of the frame, seconds")
+
+
+class SamplingUsed(ResponseModel):
+    fps: float | None = None
+    max_frames: int | None = None
+    start: float | None = None
+    end: float | None = None
+    auto_adjusted: bool = Field(False, description="auto_fps lowered the requested sampling to fit the context")
+
+
+class MediaDetails(ResponseModel):
+    kind: Literal["image", "video"]
+    file_id: str | None = None
+    sha256: str
+    frames: list[FrameInfo]
+    sampling: SamplingUsed
+    cached: bool = Field(description="the frame codes came from the cache (nothing decoded or encoded)")
+
+
+class VideoUsage(ResponseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    vision_tokens: int = Field(description="frames x 257 (256 VQGAN codes + a delimiter)")
+    frames: int
+
+
+class VideoAnswer(ResponseModel):
+    id: str
+    object: Literal["video.answer"] = "video.answer"
+    created: int
+    model: str
+    answer: str
+    finish_reason: FinishReason
+    usage: VideoUsage
+    media: MediaDetails
+
+
+class VideoAnswerChunk(ResponseModel):
+    """One SSE data event; the last one carries finish_reason, usage and media."""
+
+    id: str
+    object: Literal["video.answer.chunk"] = "video.answer.chunk"
+    created: int
+    model: str
+    delta: str
+    finish_reason: FinishReason | None = None
+    usage: VideoUsage | None = Field(**_OMIT_NONE)
+    media: MediaDetails | None = Field(**_OMIT_NONE)
+
+
+VIDEO_QUESTION_DOC = {
+    "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["question"],
+        "properties": {"file": {"type": "string", "format": "binary", "description": "the video or image"},
+                       **{name: {"type": "string", "description": f.description or ""}
+                          for name, f in VideoQuestionForm.model_fields.items()}}}}}}}
+
+
+class VideoPlanRequest(OpenAIBaseModel):
+    """POST /v1/video/plan: what a question about this media would cost (nothing decoded)."""
+
+    file_id: str | None = Field(None, description="a stored file")
+    url: str | None = Field(None, description="a data URL or an allowed http(s) URL")
+    question: str = Field("", description="the question (its tokens count too)")
+    fps: float | None = None
+    max_frames: int | None = None
+    start: float | None = None
+    end: float | None = None
+    max_tokens: int | None = Field(None, ge=1, description="the completion budget to leave room for")
+
+
+class VideoPlan(ResponseModel):
+    object: Literal["video.plan"] = "video.plan"
+    kind: Literal["image", "video"]
+    duration_s: float | None = Field(None, description="the video's duration (from its container)")
+    frames: int = Field(description="frames the sampling takes (exact when cached, else estimated)")
+    vision_tokens: int
+    prompt_tokens: int
+    max_tokens: int = Field(description="new tokens counted (max_tokens, or 1 when not given)")
+    context: int
+    fits: bool
+    cached: bool
+    suggested_max_frames: int | None = Field(None, description="when it does not fit: most frames that do")
+    suggested_fps: float | None = Field(None, description="when it does not fit: an fps giving about that many")
