@@ -28,7 +28,7 @@ from lwm_serve.model import steps
 from lwm_serve.model.config import ModelConfig
 from lwm_serve.model.kv_cache import init_cache
 from lwm_serve.model.params import Params, unstack_layers
-from lwm_serve.model.sampling import SamplingArrays, SamplingParams
+from lwm_serve.model.sampling import SamplingArrays, SamplingFeatures, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +213,7 @@ class Generator:
         cache_len = steps.bucket_length(prompt_len + max_new_tokens)
         cache = self._init_cache(len(all_rows), cache_len)
         knobs = SamplingArrays.from_params(knobs_list)
+        features = SamplingFeatures.of(knobs_list)
         cfg_scale = jnp.asarray([k.cfg_scale for k in knobs_list], jnp.float32)
         vocab = self.cfg.vocab_size if head == "text" else self.cfg.vision_vocab_size
         counts = jnp.zeros((n_out, vocab), jnp.int32)
@@ -236,7 +237,7 @@ class Generator:
             with jax.threefry_partitionable(False):
                 step_key, key = jax.random.split(key)
                 tokens, counts, chosen, top_vals, top_ids = steps.sample_next(
-                    step_key, logits, knobs, counts, cfg_scale, use_cfg, top_logprobs)
+                    step_key, logits, knobs, counts, cfg_scale, use_cfg, top_logprobs, features)
             host_tokens = np.asarray(tokens)
             if force_frame_delimiters and (i + 1) % TOKENS_PER_FRAME == 0:
                 host_tokens = np.full_like(host_tokens, END_OF_FRAME)

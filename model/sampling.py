@@ -52,6 +52,29 @@ class SamplingParams:
         return dataclasses.replace(self, **changes)
 
 
+@dataclass(frozen=True)
+class SamplingFeatures:
+    """Which parts of the pipeline a batch needs (static: one compile per combination).
+
+    Sorting the vocabulary for top-k/top-p costs more than a small model's whole
+    decode step on CPU, so a batch that uses neither skips it.
+    """
+
+    all_greedy: bool = False
+    top_k: bool = True
+    top_p: bool = True
+    penalties: bool = True
+
+    @classmethod
+    def of(cls, rows: list["SamplingParams"]) -> "SamplingFeatures":
+        return cls(
+            all_greedy=all(p.greedy for p in rows),
+            top_k=any(p.top_k > 0 for p in rows),
+            top_p=any(p.top_p < 1.0 for p in rows),
+            penalties=any(p.presence_penalty or p.frequency_penalty for p in rows),
+        )
+
+
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class SamplingArrays:
@@ -121,11 +144,15 @@ def apply_top_p(logits: jax.Array, top_p: jax.Array) -> jax.Array:
     return jnp.where((top_p < 1.0)[:, None], filtered, logits)
 
 
-def warp(logits: jax.Array, knobs: SamplingArrays) -> jax.Array:
+def warp(logits: jax.Array, knobs: SamplingArrays,
+         features: SamplingFeatures = SamplingFeatures()) -> jax.Array:
     """Temperature, then top-k, then top-p (Hugging Face's warper order)."""
     logits = apply_temperature(logits, knobs.temperature)
-    logits = apply_top_k(logits, knobs.top_k)
-    return apply_top_p(logits, knobs.top_p)
+    if features.top_k:
+        logits = apply_top_k(logits, knobs.top_k)
+    if features.top_p:
+        logits = apply_top_p(logits, knobs.top_p)
+    return logits
 
 
 def gumbel_categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
@@ -136,10 +163,13 @@ def gumbel_categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
     return jnp.argmax(logits - jnp.log(-jnp.log(u)), axis=-1).astype(jnp.int32)
 
 
-def sample(key: jax.Array, logits: jax.Array, knobs: SamplingArrays) -> jax.Array:
+def sample(key: jax.Array, logits: jax.Array, knobs: SamplingArrays,
+           features: SamplingFeatures = SamplingFeatures()) -> jax.Array:
     """Next token per row [B] from logits [B, V]. Greedy rows take the raw argmax."""
-    sampled = gumbel_categorical(key, warp(logits, knobs))
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if features.all_greedy:
+        return greedy
+    sampled = gumbel_categorical(key, warp(logits, knobs, features))
     return jnp.where(knobs.temperature == 0.0, greedy, sampled)
 
 

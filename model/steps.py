@@ -84,9 +84,10 @@ def decode_step(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
     return logits[:, -1], out.cache
 
 
-@functools.partial(jax.jit, static_argnames=("use_cfg", "top_n"))
+@functools.partial(jax.jit, static_argnames=("use_cfg", "top_n", "features"))
 def sample_next(key: jax.Array, logits: jax.Array, knobs: sampling.SamplingArrays,
-                counts: jax.Array, cfg_scale: jax.Array, use_cfg: bool, top_n: int
+                counts: jax.Array, cfg_scale: jax.Array, use_cfg: bool, top_n: int,
+                features: sampling.SamplingFeatures = sampling.SamplingFeatures()
                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """Tokens [B'] and logprobs from logits [B, V] (B' = B/2 with CFG).
 
@@ -96,9 +97,10 @@ def sample_next(key: jax.Array, logits: jax.Array, knobs: sampling.SamplingArray
     """
     if use_cfg:
         logits = sampling.cfg_mix(logits, cfg_scale)
-    logits = sampling.apply_penalties(logits, counts, knobs.presence_penalty,
-                                      knobs.frequency_penalty)
-    tokens = sampling.sample(key, logits, knobs)
+    if features.penalties:
+        logits = sampling.apply_penalties(logits, counts, knobs.presence_penalty,
+                                          knobs.frequency_penalty)
+    tokens = sampling.sample(key, logits, knobs, features)
     chosen, top_vals, top_ids = sampling.logprobs(logits, tokens, top_n)
     counts = counts.at[jnp.arange(tokens.shape[0]), tokens].add(1)
     return tokens, counts, chosen, top_vals, top_ids

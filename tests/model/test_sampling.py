@@ -82,3 +82,21 @@ def test_logprobs_are_normalised():
     np.testing.assert_allclose(chosen, lp[jnp.arange(2), tokens], rtol=1e-6)
     np.testing.assert_allclose(np.exp(lp).sum(-1), 1.0, rtol=1e-5)
     assert top_ids.shape == (2, 3) and np.all(np.diff(np.asarray(top_vals), axis=-1) <= 0)
+
+
+def test_feature_flags_skip_only_unused_filters():
+    """The static fast paths give the same tokens as the full pipeline."""
+    from lwm_serve.model.sampling import SamplingFeatures
+
+    logits = jax.random.normal(jax.random.PRNGKey(1), (4, 300))
+    key = jax.random.PRNGKey(9)
+    for rows in ([SamplingParams(temperature=0)] * 4,
+                 [SamplingParams(temperature=0.7)] * 4,
+                 [SamplingParams(temperature=0.7, top_k=20), SamplingParams(temperature=0)] * 2,
+                 [SamplingParams(temperature=1.0, top_p=0.8)] * 4):
+        k = SamplingArrays.from_params(rows)
+        features = SamplingFeatures.of(rows)
+        np.testing.assert_array_equal(sampling.sample(key, logits, k, features),
+                                      sampling.sample(key, logits, k))
+    assert SamplingFeatures.of([SamplingParams(temperature=0)]).all_greedy
+    assert not SamplingFeatures.of([SamplingParams(temperature=0.5)]).top_k
