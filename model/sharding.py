@@ -80,7 +80,7 @@ ACTIVATION = (BATCH, LENGTH, ACT_EMBED)                  # [B, T, H]
 QUERY = (BATCH, LENGTH, HEADS, HEAD_DIM)                 # [B, T, N, D]
 KEY_VALUE = (BATCH, LENGTH, KV_HEADS, HEAD_DIM)          # [B, T, K, D]
 TOKENS = (BATCH, LENGTH)                                 # [B, T]
-CACHE_KV = (BATCH, CACHE_LENGTH, KV_HEADS, HEAD_DIM)      # [B, S, K, D], one array per layer
+CACHE_KV = (BATCH, KV_HEADS, CACHE_LENGTH, HEAD_DIM)      # [B, K, S, D], one array per layer
 CACHE_VALID = (BATCH, CACHE_LENGTH)                      # [B, S]
 CACHE_INDEX = (BATCH,)                                   # [B]
 

@@ -119,7 +119,7 @@ def _cached_attend(cfg: ModelConfig, cache: kvc.KVCache, slots: jax.Array,
         ks[layer], vs[layer] = kl, vl
         if t == 1:  # decode: one query per row, a [B, 1, S] mask is cheap
             mask = attn.causal_mask(slots, key_idx) & attn.key_mask(valid, 1)
-            out = attn.dense_attention(q, kl, vl, mask)
+            out = attn.finalize(attn.attend_block(q, kl, vl, mask), q.dtype)
         else:
             part = attn.blockwise_partial(q, kl, vl, slots, key_idx, valid,
                                           q_block=cfg.scan_query_chunk_size,

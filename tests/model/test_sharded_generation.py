@@ -96,13 +96,14 @@ def test_cache_stays_sequence_sharded_with_each_slot_on_its_owner(spec):
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=FP32_TOL, rtol=0)
 
     bsplit = mesh.shape["dp"] * mesh.shape["fsdp"]
-    local = (2 // bsplit, 64 // sp, cfg.kv_heads // mesh.shape["tp"], cfg.head_dim)
+    local = (2 // bsplit, cfg.kv_heads // mesh.shape["tp"], 64 // sp, cfg.head_dim)
     assert all({s.data.shape for s in layer.addressable_shards} == {local} for layer in cache.k)
     np.testing.assert_array_equal(np.asarray(cache.index), np.asarray(ref.index))
     phys = np.asarray(ra.physical_index(jnp.arange(64), 64, sp))
     np.testing.assert_array_equal(np.asarray(cache.valid)[:, phys], np.asarray(ref.valid))
     slot_valid = np.asarray(ref.valid)
-    for got, want in ((np.stack(cache.k), np.stack(ref.k)), (np.stack(cache.v), np.stack(ref.v))):
+    token_major = lambda layers: np.stack(layers).swapaxes(2, 3)  # noqa: E731  [L, B, S, K, D]
+    for got, want in ((token_major(cache.k), token_major(ref.k)), (token_major(cache.v), token_major(ref.v))):
         np.testing.assert_allclose(got[:, :, phys][:, slot_valid], want[:, slot_valid],
                                    atol=FP32_TOL, rtol=0)
     # Shard d holds exactly the slots s with s % sp == d.

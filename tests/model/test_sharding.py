@@ -116,7 +116,7 @@ def test_sharded_cache_is_split_over_batch_sequence_heads(spec):
     cache = sharding.init_sharded_cache(cfg, 2, 30, mesh)  # 30 -> rounded up to a multiple of sp
     sp, tp, bsplit = mesh.shape["sp"], mesh.shape["tp"], mesh.shape["dp"] * mesh.shape["fsdp"]
     assert cache.max_length % sp == 0 and cache.max_length >= 30
-    want = (2 // bsplit, cache.max_length // sp, 4 // tp, cfg.head_dim)
+    want = (2 // bsplit, 4 // tp, cache.max_length // sp, cfg.head_dim)
     assert len(cache.k) == cfg.num_hidden_layers
     assert all({s.data.shape for s in layer.addressable_shards} == {want} for layer in cache.k)
     assert {s.data.shape for s in cache.valid.addressable_shards} == {(2 // bsplit, cache.max_length // sp)}
