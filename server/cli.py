@@ -7,8 +7,9 @@
 
 Every serve/generate flag is also an environment variable: `--max-model-len` is
 `LWM_SERVE_MAX_MODEL_LEN`, `--api-key` is `LWM_SERVE_API_KEYS` (comma-separated)
-or `LWM_SERVE_API_KEY`. Flags win over the environment. Logging is configured
-here, once.
+or `LWM_SERVE_API_KEY`, `--media-url-allowlist` (repeatable) is
+`LWM_SERVE_MEDIA_URL_ALLOWLIST` (comma-separated). Flags win over the
+environment. Logging is configured here, once.
 """
 
 from __future__ import annotations
@@ -51,7 +52,29 @@ _SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
-def _add_flags(parser: argparse.ArgumentParser, flags: list[tuple[str, str, dict[str, Any]]]) -> None:
+def _optional(kind: type) -> Any:
+    """argparse type: a `kind` value, or None for "none" (a setting whose unset means "no limit")."""
+
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
+    return parse
+
+
+_MEDIA_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--data-dir", "data_dir", {"metavar": "DIR"}),
+    ("--max-upload-bytes", "max_upload_bytes", {"type": int, "metavar": "BYTES"}),
+    ("--max-video-seconds", "max_video_seconds", {"type": _optional(float), "metavar": "SECONDS|none"}),
+    ("--media-url-allowlist", "media_url_allowlist", {"action": "append", "metavar": "DOMAIN"}),
+    ("--frame-layout", "frame_layout", {"choices": ["standard", "vision_chat"]}),
+    ("--auto-fps", "auto_fps", {"action": argparse.BooleanOptionalAction}),
+    ("--vision-cache-bytes", "vision_cache_bytes", {"type": _optional(int), "metavar": "BYTES|none"}),
+]
+
+
+def _add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+               flags: list[tuple[str, str, dict[str, Any]]]) -> None:
     from lwm_serve.server.config import ENV_PREFIX, ServerSettings
 
     for flag, field, kwargs in flags:
@@ -69,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{serve,generate,plan}")
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible API (default)")
     _add_flags(serve, _FLAGS + _SERVE_FLAGS)
+    _add_flags(serve.add_argument_group("images and video"), _MEDIA_FLAGS)
     gen = sub.add_parser("generate", help="print a completion from the loaded model (offline)")
     gen.add_argument("prompt", help="the user message (or the raw prompt with --raw)")
     _add_flags(gen, _FLAGS)

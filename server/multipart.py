@@ -21,12 +21,8 @@ import logging
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-try:  # python-multipart >= 0.0.13 names its module python_multipart; older releases, multipart
-    from python_multipart.exceptions import MultipartParseError
-    from python_multipart.multipart import MultipartParser, parse_options_header
-except ImportError:  # pragma: no cover - depends on the installed release
-    from multipart.exceptions import MultipartParseError  # type: ignore[no-redef]
-    from multipart.multipart import MultipartParser, parse_options_header  # type: ignore[no-redef]
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from lwm_serve.server.errors import InvalidRequestError
 

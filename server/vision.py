@@ -8,22 +8,20 @@ Two steps, both off the event loop:
    check prompt + new tokens against the context. Too long: 400 naming the
    numbers and a sampling that fits, or, with auto_fps, that sampling is used
    (frames shared between the videos in proportion to what they asked for).
-2. `encode`: per item, the VQGAN code cache first (key: content sha256 +
-   sampling + VQGAN identity, the `tokenizers.vision_cache` key, so entries are
-   shared with `encode_media`); on a miss, decode (PyAV/Pillow), preprocess,
-   VQGAN-encode batch by batch, store. Progress (frames decoded / encoded) goes
-   to a callback, and to the log with frames/s.
+2. `encode`: per item, `tokenizers.vision_cache.encode_media`, the one
+   ingestion pipeline: the VQGAN code cache first (key: the file store's
+   content sha256 + sampling + VQGAN identity); on a miss, decode
+   (PyAV/Pillow), preprocess and VQGAN-encode a VQGAN batch at a time, keeping
+   only the int codes (memory O(batch) frames, even for an hour of video),
+   then store. Its progress callback becomes IngestEvents (frames decoded /
+   encoded, frames/s) and is the cancellation hook.
 
 Threads: decode + VQGAN run on ONE dedicated "lwm-ingest" thread, not on the
 model worker: a long video being encoded never holds up other requests'
 generation, and one ingestion at a time bounds the memory of decoded frames.
 JAX is thread-safe; the VQGAN and the model share the device(s). A client that
-leaves mid-ingestion stops it at the next frame.
-
-This mirrors `tokenizers.vision_cache.encode_media` (same key, same steps)
-rather than calling it, for two reasons: progress callbacks, and the stored
-file's sha256 (known from the file store) is reused instead of re-reading the
-whole file to hash it.
+leaves mid-ingestion stops it at the next frame: the progress callback raises
+`_Cancelled`, which unwinds `encode_media` (nothing is stored).
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Literal, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import numpy as np
 
@@ -45,12 +43,11 @@ from lwm_serve.server.media_sources import MediaSource, SourceResolver
 from lwm_serve.tokenizers import media_decode
 from lwm_serve.tokenizers.errors import MediaError
 from lwm_serve.tokenizers.frame_sampling import DEFAULT_MAX_FRAMES, SamplingSpec, estimate_n_frames
-from lwm_serve.tokenizers.vision_cache import VisionCache, cache_key
+from lwm_serve.tokenizers.vision_cache import Stage, VisionCache, cache_key, encode_media
 from lwm_serve.tokenizers.vision_layout import TOKENS_PER_FRAME, VISION_END_TEXT, VISION_START_TEXT, FrameLayout
 
 logger = logging.getLogger(__name__)
 
-Stage = Literal["decode", "encode", "cached"]
 _EMIT_EVERY_S = 0.25  # progress events at most this often per stage (plus the last one)
 _IMAGE_SPEC = SamplingSpec()  # a still image is one frame whatever the part asked
 
@@ -353,7 +350,7 @@ class VisionService:
 
     async def encode(self, plans: Sequence[PlannedMedia],
                      on_event: Callable[[IngestEvent], None] | None = None) -> list[EncodedMedia]:
-        """Frame codes of every planned item (cache, else decode + VQGAN on the ingest thread).
+        """Frame codes of every planned item (the plan's cache hit, else `encode_media` on the ingest thread).
 
         Args:
             plans: from `plan`.
@@ -371,7 +368,7 @@ class VisionService:
         out: list[EncodedMedia] = []
         try:
             for i, plan in enumerate(plans):
-                hit = plan.hit if plan.hit is not None else await asyncio.to_thread(self.cache.get_entry, plan.key)
+                hit = plan.hit  # looked up while planning; a later hit is found by encode_media
                 if hit is not None:
                     with self._lock:
                         self.stats.cache_hits += 1
@@ -410,44 +407,44 @@ class VisionService:
                 task.cancel()
 
     def _ingest(self, index: int, plan: PlannedMedia, emit: Callable[[IngestEvent], None]) -> EncodedMedia:
-        """Decode + preprocess + VQGAN + cache put (on the ingest thread)."""
+        """`vision_cache.encode_media` with progress events (on the ingest thread).
+
+        The file store's sha256 is reused (no re-hash); `emit` raises `_Cancelled`
+        when the client has left, which stops decoding at the next frame.
+        """
         src = plan.request.source
         t0 = time.monotonic()
-        last = [0.0]
+        last = 0.0
+        cached = False
 
-        def on_decode(done: int, total: int) -> None:
+        def on_progress(stage: Stage, done: int, total: int) -> None:
+            nonlocal last, cached
             now = time.monotonic()
-            if done == total or now - last[0] >= _EMIT_EVERY_S:
-                last[0] = now
-                emit(IngestEvent("decode", index, done, total, done / max(now - t0, 1e-9)))
+            if stage == "cached":  # filled by another request since planning
+                cached = True
+                emit(IngestEvent("cached", index, done, total))
+                return
+            if stage == "decode" and done != total and now - last < _EMIT_EVERY_S:
+                return
+            last = now
+            rate = None if plan.is_image else done / max(now - t0, 1e-9)
+            emit(IngestEvent(stage, index, done, total, rate))
 
-        decoded = media_decode.decode_media(src.data, plan.spec, max_duration_s=self.max_video_seconds,
-                                            progress=on_decode)
-        if not decoded:
+        codes, timestamps = encode_media(src.data, plan.spec, self.vqgan, self.cache,
+                                         max_duration_s=self.max_video_seconds, progress=on_progress,
+                                         content_sha256=src.sha256, label=src.label)
+        if not len(codes):
             raise InvalidRequestError(f"{src.label}: the sampling {_spec_text(plan.spec)} picks no frame",
                                       param=plan.request.param, code="no_frames")
-        if plan.is_image:
-            emit(IngestEvent("decode", index, 1, 1, None))
-        t1 = time.monotonic()
-        timestamps = np.array([t for t, _ in decoded], np.float64)
-        pixels = media_decode.preprocess_frames([f for _, f in decoded], self.vqgan.cfg.resolution)
-        del decoded
-        n, batch = len(pixels), self.vqgan.batch_size
-        codes = []
-        for s in range(0, n, batch):
-            codes.append(self.vqgan.encode_frames(pixels[s:s + batch]))
-            done = min(s + batch, n)
-            emit(IngestEvent("encode", index, done, n, done / max(time.monotonic() - t1, 1e-9)))
-        all_codes = np.concatenate(codes).astype(np.int32)
-        t2 = time.monotonic()
-        self.cache.put(plan.key, all_codes, timestamps)
+        n = len(codes)
         with self._lock:
-            self.stats.cache_misses += 1
-            self.stats.frames_decoded += n
-            self.stats.frames_encoded += n
-        logger.info("ingested %s: %d frames; decode %.2f s (%.1f frames/s), VQGAN %.2f s (%.1f frames/s)",
-                    src.label, n, t1 - t0, n / max(t1 - t0, 1e-9), t2 - t1, n / max(t2 - t1, 1e-9))
-        return EncodedMedia(all_codes, timestamps, plan.spec, False, plan.is_image)
+            if cached:
+                self.stats.cache_hits += 1
+            else:
+                self.stats.cache_misses += 1
+                self.stats.frames_decoded += n
+                self.stats.frames_encoded += n
+        return EncodedMedia(codes, timestamps, plan.spec, cached, plan.is_image)
 
     @staticmethod
     def _media_error(exc: MediaError, req: MediaRequest) -> APIError:

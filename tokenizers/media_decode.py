@@ -20,6 +20,11 @@ Video decoding is planned before any pixel is decoded:
      `skip_frame='NONKEY'` would still do).
    All strategies return the same frames for the same spec (tested).
 
+Frames are streamed (`iter_video_frames` / `iter_media_frames`): each is handed
+out as soon as it is decoded, so a consumer working a batch at a time (the
+ingestion pipeline, `vision_cache.encode_media`) holds O(batch) frames, not an
+hour of them. `decode_video` / `decode_media` are the same as lists.
+
 Timestamps are the real presentation times (pts * time_base), relative to the
 stream start, so variable-frame-rate video samples by real time. Display-matrix
 rotation (phone clips) is applied so frames come out upright.
@@ -32,9 +37,8 @@ import dataclasses
 import io
 import logging
 import os
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence, Union
+from contextlib import closing, contextmanager
+from typing import Callable, Generator, Iterator, Literal, Sequence, Union
 
 import av
 import numpy as np
@@ -55,6 +59,9 @@ logger = logging.getLogger(__name__)
 Source = Union[str, os.PathLike, bytes]
 Progress = Callable[[int, int], None]  # (frames kept so far, frames wanted)
 Strategy = Literal["auto", "full", "seek", "keyframe"]
+# (timestamp_s, RGB frame) in time order; a generator, so `closing()` releases the container early.
+Frames = Generator[tuple[float, np.ndarray], None, None]
+_Decoded = Generator[tuple[int, np.ndarray], None, None]  # (pts, RGB frame) as a strategy decodes them
 STRATEGIES: tuple[str, ...] = ("full", "seek", "keyframe")
 FRAME_SIZE = 256
 
@@ -375,14 +382,19 @@ def choose_strategy(n_wanted: int, n_frames: int) -> str:
     return "seek" if n_wanted * 8 < n_frames else "full"
 
 
-def decode_video(
+def iter_video_frames(
     src: Source,
     sampling: SamplingSpec | None = None,
     strategy: Strategy = "auto",
     max_duration_s: float | None = None,
     progress: Progress | None = None,
-) -> list[tuple[float, np.ndarray]]:
-    """Decode the frames a sampling spec picks.
+) -> Frames:
+    """Stream the frames a sampling spec picks, one at a time, in time order.
+
+    Only the frames not yet handed out are held (normally none or one: the
+    decoder returns frames in presentation order), so a consumer that keeps a
+    batch at a time decodes an hour of video in O(batch) memory. The container
+    stays open until the iterator is exhausted or closed (`contextlib.closing`).
 
     Args:
         src: path (streamed) or bytes of any container FFmpeg reads.
@@ -391,17 +403,48 @@ def decode_video(
         max_duration_s: reject longer videos with MediaTooLongError.
         progress: called as progress(kept, wanted) after each kept frame (job
             progress, log lines); never called inside the decoder's threads.
+            An exception it raises stops decoding and propagates (cancellation).
+
+    Yields:
+        (timestamp_s, frame [H, W, 3] uint8 RGB, upright).
+
+    Raises:
+        ValueError: an unknown strategy (at once, before iterating).
+        MediaError subclasses, each naming what is wrong (while iterating: the
+            frames before a damaged one may already have been yielded).
+    """
+    if strategy != "auto" and strategy not in STRATEGIES:
+        raise ValueError(f"unknown decode strategy {strategy!r}; use auto or one of {STRATEGIES}")
+    return _iter_video(src, sampling or SamplingSpec(), strategy, max_duration_s, progress)
+
+
+def decode_video(
+    src: Source,
+    sampling: SamplingSpec | None = None,
+    strategy: Strategy = "auto",
+    max_duration_s: float | None = None,
+    progress: Progress | None = None,
+) -> list[tuple[float, np.ndarray]]:
+    """`iter_video_frames` as a list: every sampled frame in memory at once.
+
+    Fine for a handful of frames; long videos should be consumed with
+    `iter_video_frames` (memory O(frames) here).
 
     Returns:
         [(timestamp_s, frame [H, W, 3] uint8 RGB, upright)] in time order.
-
-    Raises:
-        MediaError subclasses, each naming what is wrong.
     """
-    sampling = sampling or SamplingSpec()
+    return list(iter_video_frames(src, sampling, strategy, max_duration_s, progress))
+
+
+# Wanted frames decoded ahead of one still missing, beyond which that one is
+# declared undecodable: decoders return presentation order, so only a damaged
+# stream gets here, and this bounds what it can make us hold.
+_MAX_PENDING = 32
+
+
+def _iter_video(src: Source, sampling: SamplingSpec, strategy: str, max_duration_s: float | None,
+                progress: Progress | None) -> Frames:
     name = _name(src)
-    if strategy != "auto" and strategy not in STRATEGIES:
-        raise ValueError(f"unknown decode strategy {strategy!r}; use auto or one of {STRATEGIES}")
     with _open_video(src) as (container, stream):
         _check_duration(name, _container_duration(container, stream), max_duration_s)
         timeline = _scan_timeline(container, stream, name)
@@ -409,43 +452,49 @@ def decode_video(
         _check_complete(container, stream, timeline, name)
         chosen = select_frames(timeline.seconds, sampling)
         if not chosen:
-            return []
+            return
         if strategy == "auto":
             strategy = choose_strategy(len(chosen), len(timeline.pts))
         wanted = [timeline.pts[i] for i in chosen]
+        seconds = {timeline.pts[i]: timeline.seconds[i] for i in chosen}
         logger.debug("%s: decoding %d of %d frames with %s", name, len(wanted), len(timeline.pts), strategy)
-        got = _Kept(len(wanted), progress)
+        got: set[int] = set()
         try:
             # The scan left the demuxer at the end: rewind (this also flushes the decoder).
             container.seek(timeline.pts[0], stream=stream, backward=True, any_frame=False)
             if strategy == "full":
-                _decode_full(container, stream, wanted, got)
+                frames = _decode_full(container, stream, wanted, got)
             elif strategy == "seek":
-                _decode_seek(container, stream, wanted, _keyframe_before(timeline, wanted), got)
+                frames = _decode_seek(container, stream, wanted, _keyframe_before(timeline, wanted), got)
             else:
-                _decode_keyframe(container, stream, wanted, _keyframe_before(timeline, wanted), got)
+                frames = _decode_keyframe(container, stream, wanted, _keyframe_before(timeline, wanted), got)
+            with closing(frames):  # stop the strategy before its container closes
+                yield from _in_order(frames, wanted, seconds, progress, name)
         except av.error.FFmpegError as e:
             raise CorruptMediaError(f"{name}: decoding failed ({e})") from e
-    missing = [p for p in wanted if p not in got]
-    if missing:
+
+
+def _in_order(frames: Iterator[tuple[int, np.ndarray]], wanted: list[int], seconds: dict[int, float],
+              progress: Progress | None, name: str) -> Iterator[tuple[float, np.ndarray]]:
+    """Decoded (pts, frame) -> (seconds, frame) in `wanted` order, holding only those decoded early."""
+    pending: dict[int, np.ndarray] = {}
+    nxt = 0  # index in `wanted` of the next frame to hand out
+    for pts, frame in frames:
+        pending[pts] = frame
+        del frame  # the pending dict (then the consumer) holds the only reference
+        if progress is not None:
+            progress(nxt + len(pending), len(wanted))
+        while nxt < len(wanted) and wanted[nxt] in pending:
+            pts = wanted[nxt]
+            nxt += 1
+            yield seconds[pts], pending.pop(pts)
+        if len(pending) > _MAX_PENDING:
+            break
+    if nxt < len(wanted):
+        missing = [p for p in wanted[nxt:] if p not in pending]
         raise CorruptMediaError(
             f"{name}: {len(missing)} of {len(wanted)} frames could not be decoded (first pts {missing[0]})"
         )
-    seconds = dict(zip(timeline.pts, timeline.seconds))
-    return [(seconds[p], got[p]) for p in wanted]
-
-
-class _Kept(dict):
-    """pts -> RGB frame, reporting progress as frames are kept."""
-
-    def __init__(self, total: int, progress: Progress | None) -> None:
-        super().__init__()
-        self.total, self.progress = total, progress
-
-    def __setitem__(self, pts: int, frame: np.ndarray) -> None:
-        super().__setitem__(pts, frame)
-        if self.progress is not None:
-            self.progress(len(self), self.total)
 
 
 def _keyframe_before(timeline: Timeline, wanted: list[int]) -> list[int]:
@@ -453,16 +502,22 @@ def _keyframe_before(timeline: Timeline, wanted: list[int]) -> list[int]:
     return [keys[max(0, bisect.bisect_right(keys, p) - 1)] for p in wanted]
 
 
-def _decode_full(container, stream, wanted: list[int], got: dict[int, np.ndarray]) -> None:
+# Each strategy yields (pts, RGB frame) for wanted frames as the decoder returns
+# them, adding each pts to `got`, and stops once it has them all.
+
+
+def _decode_full(container, stream, wanted: list[int], got: set[int]) -> _Decoded:
     want = set(wanted)
     for frame in container.decode(stream):
-        if frame.pts in want:
-            got[frame.pts] = _to_rgb(frame)
+        if frame.pts in want and frame.pts not in got:
+            got.add(frame.pts)
+            yield frame.pts, _to_rgb(frame)
             if len(got) == len(want):
-                break
+                return
 
 
-def _decode_seek(container, stream, wanted: list[int], keys: list[int], got: dict[int, np.ndarray]) -> None:
+def _decode_seek(container, stream, wanted: list[int], keys: list[int],
+                 got: set[int]) -> _Decoded:
     frames: Iterator[av.VideoFrame] | None = None
     position = None  # pts of the last frame the decoder returned
     for target, key in zip(wanted, keys):
@@ -477,22 +532,25 @@ def _decode_seek(container, stream, wanted: list[int], keys: list[int], got: dic
                 continue
             position = frame.pts
             if frame.pts == target:
-                got[target] = _to_rgb(frame)
+                got.add(target)
+                yield target, _to_rgb(frame)
                 break
             if frame.pts > target:
                 break
 
 
-def _decode_keyframe(container, stream, wanted: list[int], keys: list[int], got: dict[int, np.ndarray]) -> None:
+def _decode_keyframe(container, stream, wanted: list[int], keys: list[int],
+                     got: set[int]) -> _Decoded:
     want = set(wanted)
     i = 0  # next wanted frame not yet returned
     gop = None  # pts of the last keyframe packet demuxed
 
-    def take(frames: list[av.VideoFrame]) -> None:
+    def take(frames: list[av.VideoFrame]) -> _Decoded:
         nonlocal i
         for frame in frames:
             if frame.pts in want and frame.pts not in got:
-                got[frame.pts] = _to_rgb(frame)
+                got.add(frame.pts)
+                yield frame.pts, _to_rgb(frame)
         while i < len(wanted) and wanted[i] in got:
             i += 1
 
@@ -504,12 +562,40 @@ def _decode_keyframe(container, stream, wanted: list[int], keys: list[int], got:
         # Feed only from the keyframe before the next wanted frame onwards.
         if gop is None or gop < keys[i] or packet.size == 0:
             continue
-        take(stream.decode(packet))
-    take(stream.decode(None))  # flush frames the (threaded) decoder still holds
+        yield from take(stream.decode(packet))
+    if i < len(wanted):
+        yield from take(stream.decode(None))  # flush frames the (threaded) decoder still holds
 
 
 # ----------------------------------------------------------------------------
 # any media
+
+
+def iter_media_frames(
+    src: Source,
+    sampling: SamplingSpec | None = None,
+    strategy: Strategy = "auto",
+    max_duration_s: float | None = None,
+    progress: Progress | None = None,
+) -> Frames:
+    """Image or video to a stream of timestamped uint8 frames (an image is one frame at t=0).
+
+    Arguments, memory and errors as `iter_video_frames`; for an image, `sampling`
+    is ignored and `progress(1, 1)` is called once it is decoded.
+
+    Yields:
+        (timestamp_s, frame [H, W, 3] uint8 RGB, upright), in time order.
+    """
+    if is_image(src):
+        return _iter_image(src, progress)
+    return iter_video_frames(src, sampling, strategy, max_duration_s, progress)
+
+
+def _iter_image(src: Source, progress: Progress | None) -> Frames:
+    frame = load_image(src)
+    if progress is not None:
+        progress(1, 1)
+    yield 0.0, frame
 
 
 def decode_media(
@@ -519,11 +605,9 @@ def decode_media(
     max_duration_s: float | None = None,
     progress: Progress | None = None,
 ) -> list[tuple[float, np.ndarray]]:
-    """Image or video to timestamped uint8 frames (an image is one frame at t=0).
+    """`iter_media_frames` as a list (every frame in memory at once: short media only).
 
     Raises:
         MediaError subclasses, each naming what is wrong.
     """
-    if is_image(src):
-        return [(0.0, load_image(src))]
-    return decode_video(src, sampling, strategy, max_duration_s, progress)
+    return list(iter_media_frames(src, sampling, strategy, max_duration_s, progress))

@@ -98,3 +98,48 @@ def test_help_lists_every_setting_with_its_env_var(capsys):
     for flag, env in (("--max-model-len", "LWM_SERVE_MAX_MODEL_LEN"), ("--api-key", "LWM_SERVE_API_KEYS"),
                       ("--model-config", "LWM_SERVE_MODEL_CONFIG_PATH"), ("--mesh", "LWM_SERVE_MESH")):
         assert flag in out and env in out
+    # Every flag is a setting: its env var and the start of its description are in the help.
+    flat = " ".join(out.split())
+    for flag, field, _ in cli._FLAGS + cli._SERVE_FLAGS + cli._MEDIA_FLAGS:
+        description = " ".join((ServerSettings.model_fields[field].description or "").split())
+        assert flag in flat and f"LWM_SERVE_{field.upper()}" in flat and description[:40] in flat, flag
+    for flag in ("--data-dir", "--max-upload-bytes", "--max-video-seconds", "--media-url-allowlist",
+                 "--frame-layout", "--auto-fps", "--no-auto-fps", "--vision-cache-bytes"):
+        assert flag in flat
+
+
+def _served_settings(monkeypatch, argv: list[str]) -> ServerSettings:
+    served = []
+    monkeypatch.setattr(cli, "serve", lambda settings: served.append(settings) or 0)
+    assert cli.main(["serve", "--log-level", "warning", *argv]) == 0
+    return served[0]
+
+
+def test_media_flags_set_the_media_settings_and_win_over_the_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("LWM_SERVE_MEDIA_URL_ALLOWLIST", "env.example")
+    monkeypatch.setenv("LWM_SERVE_AUTO_FPS", "true")
+    monkeypatch.setenv("LWM_SERVE_MAX_VIDEO_SECONDS", "60")
+    s = _served_settings(monkeypatch, [])
+    assert (s.media_url_allowlist, s.auto_fps, s.max_video_seconds) == (["env.example"], True, 60.0)
+    s = _served_settings(monkeypatch, [
+        "--data-dir", str(tmp_path), "--max-upload-bytes", "1048576", "--max-video-seconds", "7200",
+        "--media-url-allowlist", "videos.example.com", "--media-url-allowlist", "cdn.example.org",
+        "--frame-layout", "vision_chat", "--no-auto-fps", "--vision-cache-bytes", "4096"])
+    assert s.resolved_data_dir() == tmp_path and s.max_upload_bytes == 1048576
+    assert s.max_video_seconds == 7200.0 and s.vision_cache_bytes == 4096
+    assert s.media_url_allowlist == ["videos.example.com", "cdn.example.org"]
+    assert s.frame_layout == "vision_chat" and s.auto_fps is False
+    s = _served_settings(monkeypatch, ["--max-video-seconds", "none", "--vision-cache-bytes", "None", "--auto-fps"])
+    assert s.max_video_seconds is None and s.vision_cache_bytes is None and s.auto_fps is True
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--frame-layout", "sideways"], "invalid choice"),
+    (["--max-upload-bytes", "lots"], "invalid int value"),
+    (["--max-video-seconds", "-5"], "max_video_seconds"),
+    (["--media-url-allowlist", "https://x.example/path"], "bare domains"),
+])
+def test_bad_media_flags_are_refused(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve", *argv])
+    assert info.value.code == 2 and fragment in capsys.readouterr().err

@@ -259,3 +259,72 @@ def test_progress_is_reported_per_kept_frame(strategy, media_dir):
         media_dir / "h264.mp4", SamplingSpec(max_frames=4), strategy, progress=lambda k, n: seen.append((k, n))
     )
     assert seen == [(i + 1, len(got)) for i in range(len(got))]
+
+
+@pytest.mark.parametrize("name", ["h264.mp4", "h264_bframes.mp4"])
+@pytest.mark.parametrize("strategy", md.STRATEGIES)
+def test_frames_stream_one_at_a_time(strategy, name, media_dir):
+    """The iterator hands each frame out as it is decoded and keeps no reference to it."""
+    import weakref
+
+    path, spec = media_dir / name, SamplingSpec(max_frames=None)
+    kept = []
+    frames = md.iter_video_frames(path, spec, strategy, progress=lambda k, n: kept.append(k))
+    refs, times, alive = [], [], []
+    for t, frame in frames:  # (not enumerate: it caches its last tuple, and so the frame)
+        assert kept[-1] == len(refs) + 1  # decoded lazily: nothing decoded ahead of the consumer
+        refs.append(weakref.ref(frame))
+        times.append(t)
+        del frame  # arrays hold no cycles: freed now unless something else keeps them
+        alive.append(sum(r() is not None for r in refs))
+    assert len(times) == len(md.decode_video(path, spec, strategy)) > 2
+    assert max(alive) == 0  # a list would keep every frame: len(times)
+    assert times == [t for t, _ in md.decode_video(path, spec, strategy)]
+
+
+def test_images_stream_as_one_frame_with_progress(media_kit):
+    png = media_kit.image_bytes(media_kit.make_frame(2), "PNG")
+    seen = []
+    (t, frame), = list(md.iter_media_frames(png, progress=lambda k, n: seen.append((k, n))))
+    assert t == 0.0 and seen == [(1, 1)]
+    np.testing.assert_array_equal(frame, md.load_image(png))
+
+
+def test_a_raising_progress_stops_decoding(media_dir):
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def progress(kept: int, wanted: int) -> None:
+        seen.append(kept)
+        if kept == 2:
+            raise Stop()
+
+    frames = md.iter_video_frames(media_dir / "h264.mp4", SamplingSpec(max_frames=None), "full", progress=progress)
+    got = []
+    with pytest.raises(Stop):
+        for item in frames:
+            got.append(item)
+    assert seen == [1, 2] and len(got) == 1
+
+
+def test_a_bad_strategy_fails_at_the_call_not_at_the_first_frame(media_dir):
+    with pytest.raises(ValueError, match="unknown decode strategy"):
+        md.iter_video_frames(media_dir / "h264.mp4", strategy="fastest")  # type: ignore[arg-type]
+
+
+def test_a_frame_the_decoder_never_returns_is_an_error_without_holding_the_rest():
+    """Frames decoded past a missing one are held only up to a bound, then CorruptMediaError."""
+    wanted = list(range(0, 400, 4))
+    pulled = []
+
+    def decoded():  # every wanted frame but the first, in order
+        for pts in wanted[1:]:
+            pulled.append(pts)
+            yield pts, np.zeros((2, 2, 3), np.uint8)
+
+    frames = md._in_order(decoded(), wanted, {p: p / 100 for p in wanted}, None, "clip.mp4")
+    with pytest.raises(CorruptMediaError, match=r"clip.mp4: .* of 100 frames could not be decoded \(first pts 0\)"):
+        next(frames)
+    assert len(pulled) <= md._MAX_PENDING + 1 < len(wanted) - 1
