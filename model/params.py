@@ -20,7 +20,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lwm_serve.model.config import ModelConfig
 from lwm_serve.model.params_file import flatten_params, unflatten_params
@@ -90,20 +89,6 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
         else:
             items[path] = (cfg.initializer_range * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
     return unflatten_params(items)
-
-
-def cast_params(params: Params, dtype: str | jnp.dtype) -> Params:
-    """Cast every floating leaf (the reference casts to --dtype after loading)."""
-    dtype = jnp.dtype(dtype)
-
-    def cast(x: Any) -> Any:
-        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-
-    return jax.tree_util.tree_map(cast, params)
-
-
-def param_bytes(params: Params) -> int:
-    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params)))
 
 
 def unstack_layers(params: Params, cfg: ModelConfig, *, consume: bool = False

@@ -157,3 +157,38 @@ def media_kit():
         W=W, H=H, MARK=MARK, frame_level=frame_level, make_frame=make_frame, write_video=write_video,
         write_audio_only=write_audio_only, image_bytes=image_bytes, CLIPS=CLIPS, VFR_MS=VFR_MS,
     )
+
+
+# ----------------------------------------------------------------------------
+# A VQGAN stand-in for pipeline tests (the real one is tested on the fixtures).
+
+
+class FakeVQGAN:
+    """Codes from each frame's mean pixel; records batch sizes; can hold a batch until released."""
+
+    identity = "fake-vqgan"
+
+    def __init__(self, batch_size: int, resolution: int = 256) -> None:
+        import threading
+
+        self.batch_size = batch_size
+        self.cfg = type("Cfg", (), {"resolution": resolution, "grid": 16})()
+        self.batches: list[int] = []
+        self.entered = threading.Event()
+        self.release = None  # a threading.Event: encode_frames waits for it when set
+
+    def encode_frames(self, pixels):
+        import numpy as np
+
+        self.batches.append(len(pixels))
+        self.entered.set()
+        if self.release is not None:
+            assert self.release.wait(30), "the test never released the VQGAN"
+        level = np.round((pixels.mean(axis=(1, 2, 3)) + 1) * 1000).astype(np.int32)  # [N]
+        return np.broadcast_to(level[:, None, None], (len(pixels), 16, 16)).copy()
+
+
+@pytest.fixture(scope="session")
+def fake_vqgan() -> type[FakeVQGAN]:
+    """The FakeVQGAN class, for test modules (which cannot import conftest)."""
+    return FakeVQGAN

@@ -6,32 +6,11 @@ step) so that "the worker is busy" is a fact of the test, not a race.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Iterator
 
 import httpx
-
-
-@dataclass
-class GatedGenerator:
-    inner: Any
-    gate: threading.Event
-
-    @property
-    def context_limit(self) -> int:
-        return self.inner.context_limit
-
-    def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        self.inner.check_length(prompt_tokens, max_new_tokens)
-
-    def stream(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        for step in self.inner.stream(*args, **kwargs):
-            assert self.gate.wait(60)
-            yield step
 
 
 def _wait(predicate, timeout: float = 60.0) -> bool:
@@ -41,9 +20,13 @@ def _wait(predicate, timeout: float = 60.0) -> bool:
     return predicate()
 
 
-def test_ready_waits_for_warmup_and_full_queue_is_503(fixture_runtime, make_server, auth_headers, validate):
+def test_ready_waits_for_warmup_and_full_queue_is_503(hooked_runtime, make_server, auth_headers, validate):
     gate = threading.Event()
-    runtime = dataclasses.replace(fixture_runtime, generator=GatedGenerator(fixture_runtime.generator, gate))
+
+    def wait_for_gate() -> None:
+        assert gate.wait(60)
+
+    runtime = hooked_runtime(wait_for_gate)
     live = make_server(runtime, wait_for="/health", max_queue=1, warmup=True, retry_after_s=4)
 
     # The warm-up request is stuck behind the gate: up, but not ready.

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
-from typing import Any, Iterator
 
 import httpx
 import pytest
@@ -63,29 +61,13 @@ def test_a_failing_stream_sends_one_error_event_then_done(validate):
     assert body["error"]["message"] == "something went wrong" and body["error"]["param"] == "messages"
 
 
-@dataclasses.dataclass
-class PacedGenerator:
-    """The real generator, at least `delay` seconds per step: a long request
-    stays long however fast the model gets."""
-
-    inner: Any
-    delay: float = 0.02
-
-    @property
-    def context_limit(self) -> int:
-        return self.inner.context_limit
-
-    def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        self.inner.check_length(prompt_tokens, max_new_tokens)
-
-    def stream(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        for step in self.inner.stream(*args, **kwargs):
-            time.sleep(self.delay)
-            yield step
+def _paced(hooked_runtime):
+    """The fixture model at >= 20 ms per step: 960 tokens cannot be done before the client leaves."""
+    return hooked_runtime(lambda: time.sleep(0.02))
 
 
-def test_disconnected_stream_stops_the_worker(fixture_runtime, make_server, auth_headers):
-    live = make_server(dataclasses.replace(fixture_runtime, generator=PacedGenerator(fixture_runtime.generator)))
+def test_disconnected_stream_stops_the_worker(hooked_runtime, make_server, auth_headers):
+    live = make_server(_paced(hooked_runtime))
     body = _long_body(live, stream=True)
     chunks = []
     with httpx.Client(timeout=120) as client:
@@ -109,9 +91,8 @@ def test_disconnected_stream_stops_the_worker(fixture_runtime, make_server, auth
     assert r.status_code == 200
 
 
-def test_disconnected_non_stream_request_is_aborted(fixture_runtime, make_server, auth_headers):
-    # 960 tokens at >= 20 ms each: the answer cannot be ready before the client leaves.
-    live = make_server(dataclasses.replace(fixture_runtime, generator=PacedGenerator(fixture_runtime.generator)))
+def test_disconnected_non_stream_request_is_aborted(hooked_runtime, make_server, auth_headers):
+    live = make_server(_paced(hooked_runtime))
     before = live.engine.stats().aborted_total
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{live.base_url}/v1/chat/completions", json=_long_body(live, stream=False),

@@ -20,27 +20,6 @@ from lwm_serve.tokenizers.frame_sampling import SamplingSpec
 N_FRAMES, W, H = 48, 320, 240
 
 
-class FakeVQGAN:
-    """Codes from each frame's mean pixel; records batch sizes; can hold a batch until released."""
-
-    identity = "fake-vqgan"
-
-    def __init__(self, batch_size: int, resolution: int = 256) -> None:
-        self.batch_size = batch_size
-        self.cfg = type("Cfg", (), {"resolution": resolution, "grid": 16})()
-        self.batches: list[int] = []
-        self.entered = threading.Event()
-        self.release: threading.Event | None = None  # set: encode_frames waits for it
-
-    def encode_frames(self, pixels: np.ndarray) -> np.ndarray:
-        self.batches.append(len(pixels))
-        self.entered.set()
-        if self.release is not None:
-            assert self.release.wait(30), "the test never released the VQGAN"
-        level = np.round((pixels.mean(axis=(1, 2, 3)) + 1) * 1000).astype(np.int32)  # [N]
-        return np.broadcast_to(level[:, None, None], (len(pixels), 16, 16)).copy()
-
-
 class FakeTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(range(len(text.split())))
@@ -53,7 +32,7 @@ def long_clip(tmp_path_factory: pytest.TempPathFactory, media_kit) -> Path:
     return media_kit.write_video(path, 0, fps=24, frames=frames, gop=24)
 
 
-def _service(tmp_path: Path, vqgan: FakeVQGAN) -> VisionService:
+def _service(tmp_path: Path, vqgan) -> VisionService:
     return VisionService(vqgan, FakeTokenizer(), vc.VisionCache(tmp_path / "cache"), None,  # type: ignore[arg-type]
                          layout="standard", context_limit=1 << 20)
 
@@ -69,8 +48,8 @@ def _plan(service: VisionService, req: MediaRequest):
 
 
 def test_ingest_reports_progress_uses_the_stored_sha256_and_shares_the_cache_key(tmp_path, long_clip,
-                                                                                    monkeypatch):
-    vqgan = FakeVQGAN(batch_size=8)
+                                                                                    monkeypatch, fake_vqgan):
+    vqgan = fake_vqgan(batch_size=8)
     service = _service(tmp_path, vqgan)
     spec = SamplingSpec(max_frames=None, fps=6.0)
     req = _request(long_clip, spec)
@@ -98,7 +77,7 @@ def test_ingest_reports_progress_uses_the_stored_sha256_and_shares_the_cache_key
     key = vc.cache_key(req.source.sha256, spec, vqgan.identity)
     np.testing.assert_array_equal(service.cache.get(key), encoded.codes)
     monkeypatch.undo()
-    offline, _ = vc.encode_media(long_clip, spec, FakeVQGAN(8), vc.VisionCache(tmp_path / "offline"))
+    offline, _ = vc.encode_media(long_clip, spec, fake_vqgan(8), vc.VisionCache(tmp_path / "offline"))
     np.testing.assert_array_equal(offline, encoded.codes)
 
     again = _plan(service, req)
@@ -108,8 +87,8 @@ def test_ingest_reports_progress_uses_the_stored_sha256_and_shares_the_cache_key
     assert cached.cached and [e.stage for e in events] == ["cached"] and service.stats.cache_hits == 1
 
 
-def test_ingest_memory_is_bounded_by_the_batch(tmp_path, long_clip):
-    vqgan = FakeVQGAN(batch_size=4)
+def test_ingest_memory_is_bounded_by_the_batch(tmp_path, long_clip, fake_vqgan):
+    vqgan = fake_vqgan(batch_size=4)
     service = _service(tmp_path, vqgan)
     plans = _plan(service, _request(long_clip, SamplingSpec(max_frames=None)))  # all 48 frames
     per_batch = vqgan.batch_size * (W * H * 3 + 256 * 256 * 3 * 4)  # decoded uint8 + float32 pixels
@@ -126,8 +105,8 @@ def test_ingest_memory_is_bounded_by_the_batch(tmp_path, long_clip):
     assert peak < 4 * per_batch < all_frames / 2.5, (peak, per_batch, all_frames)
 
 
-def test_a_client_leaving_stops_the_ingestion_and_stores_nothing(tmp_path, long_clip):
-    vqgan = FakeVQGAN(batch_size=4)
+def test_a_client_leaving_stops_the_ingestion_and_stores_nothing(tmp_path, long_clip, fake_vqgan):
+    vqgan = fake_vqgan(batch_size=4)
     vqgan.release = threading.Event()
     service = _service(tmp_path, vqgan)
     plans = _plan(service, _request(long_clip, SamplingSpec(max_frames=None)))

@@ -134,22 +134,6 @@ def test_encode_media_reads_through_the_cache(tmp_path, media_dir, vqgan_case, m
 # --------------------------------------------------------------------------- streamed pipeline
 
 
-class FakeVQGAN:
-    """Stands in for VQGAN: codes from each frame's mean pixel, and a record of the batches."""
-
-    identity = "fake-vqgan"
-
-    def __init__(self, batch_size: int, resolution: int = 256) -> None:
-        self.batch_size = batch_size
-        self.cfg = type("Cfg", (), {"resolution": resolution, "grid": 16})()
-        self.batches: list[int] = []
-
-    def encode_frames(self, pixels: np.ndarray) -> np.ndarray:
-        self.batches.append(len(pixels))
-        level = np.round((pixels.mean(axis=(1, 2, 3)) + 1) * 1000).astype(np.int32)  # [N]
-        return np.broadcast_to(level[:, None, None], (len(pixels), 16, 16)).copy()
-
-
 def _long_clip(path, media_kit, n: int, w: int, h: int):
     frames = [np.full((h, w, 3), (7 * i) % 256, np.uint8) for i in range(n)]
     return media_kit.write_video(path, 0, fps=30, frames=frames, gop=30)
@@ -168,7 +152,7 @@ def _peak_bytes(fn) -> tuple[int, object]:
         tracemalloc.stop()
 
 
-def test_encode_media_memory_is_bounded_by_the_batch_not_the_video(tmp_path, media_kit):
+def test_encode_media_memory_is_bounded_by_the_batch_not_the_video(tmp_path, media_kit, fake_vqgan):
     """96 frames of 320x240 through decode -> preprocess -> VQGAN in batches of 4:
     the peak traced memory stays within a few batches' worth, far below all frames'."""
     from lwm_serve.tokenizers import media_decode as md
@@ -176,7 +160,7 @@ def test_encode_media_memory_is_bounded_by_the_batch_not_the_video(tmp_path, med
     n, w, h, batch = 96, 320, 240, 4
     path = _long_clip(tmp_path / "long.mp4", media_kit, n, w, h)
     spec = SamplingSpec(max_frames=None)  # every frame
-    model = FakeVQGAN(batch)
+    model = fake_vqgan(batch)
     frame_bytes, pixel_bytes = w * h * 3, 256 * 256 * 3 * 4  # uint8 decoded, float32 preprocessed
     per_batch = batch * (frame_bytes + pixel_bytes)
     all_frames = n * (frame_bytes + pixel_bytes)
@@ -187,14 +171,14 @@ def test_encode_media_memory_is_bounded_by_the_batch_not_the_video(tmp_path, med
     assert peak < 4 * per_batch < all_frames / 5, (peak, per_batch, all_frames)
 
     # The bound can fail: the same work with every frame in memory peaks above all the frames' size.
-    listed = FakeVQGAN(batch)
+    listed = fake_vqgan(batch)
     list_peak, list_codes = _peak_bytes(
         lambda: listed.encode_frames(md.preprocess_frames([f for _, f in md.decode_media(path, spec)])))
     assert list_peak > all_frames > 4 * per_batch
     np.testing.assert_array_equal(codes, list_codes)  # batching changes nothing
 
 
-def test_encode_media_progress_stages_and_known_sha256(tmp_path, media_dir, monkeypatch):
+def test_encode_media_progress_stages_and_known_sha256(tmp_path, media_dir, monkeypatch, fake_vqgan):
     path = media_dir / "h264.mp4"
     spec = SamplingSpec(max_frames=5)
     sha = vc.media_sha256(path)
@@ -203,7 +187,7 @@ def test_encode_media_progress_stages_and_known_sha256(tmp_path, media_dir, monk
         raise AssertionError("a known sha256 must not be recomputed")
 
     monkeypatch.setattr(vc, "media_sha256", no_hash)
-    model, cache, seen = FakeVQGAN(2), vc.VisionCache(tmp_path), []
+    model, cache, seen = fake_vqgan(2), vc.VisionCache(tmp_path), []
     codes, ts = vc.encode_media(path, spec, model, cache, progress=lambda *a: seen.append(a), content_sha256=sha)
     decode = [(d, t) for stage, d, t in seen if stage == "decode"]
     encode = [(d, t) for stage, d, t in seen if stage == "encode"]
@@ -221,7 +205,7 @@ def test_encode_media_progress_stages_and_known_sha256(tmp_path, media_dir, monk
     np.testing.assert_array_equal(ts2, ts)
 
 
-def test_a_raising_progress_cancels_and_stores_nothing(tmp_path, media_dir):
+def test_a_raising_progress_cancels_and_stores_nothing(tmp_path, media_dir, fake_vqgan):
     class Cancelled(Exception):
         pass
 
@@ -233,15 +217,15 @@ def test_a_raising_progress_cancels_and_stores_nothing(tmp_path, media_dir):
         if stage == "encode":
             raise Cancelled()
 
-    model, cache = FakeVQGAN(2), vc.VisionCache(tmp_path)
+    model, cache = fake_vqgan(2), vc.VisionCache(tmp_path)
     with pytest.raises(Cancelled):
         vc.encode_media(media_dir / "h264.mp4", SamplingSpec(max_frames=None), model, cache, progress=progress)
     assert model.batches == [2] and decoded == [1, 2]  # stopped after the first batch
     assert cache.size_bytes() == 0 and _files(tmp_path) == []
 
 
-def test_a_sampling_that_picks_nothing_is_returned_empty_and_not_stored(tmp_path, media_dir):
-    model, cache = FakeVQGAN(2), vc.VisionCache(tmp_path)
+def test_a_sampling_that_picks_nothing_is_returned_empty_and_not_stored(tmp_path, media_dir, fake_vqgan):
+    model, cache = fake_vqgan(2), vc.VisionCache(tmp_path)
     codes, ts = vc.encode_media(media_dir / "h264.mp4", SamplingSpec(start=100.0), model, cache)
     assert codes.shape == (0, 16, 16) and codes.dtype == np.int32 and ts.shape == (0,)
     assert model.batches == [] and _files(tmp_path) == []
