@@ -1,15 +1,18 @@
 """The generation loop: prompt rows in, a stream of sampled tokens out.
 
-Host-side driver over the jitted steps in `steps.py`: left-pads the rows into a
-length bucket, prefills the cache chunk by chunk, then alternates
-`sample_next` / `decode_step`, yielding each step's tokens so callers can
-stream them and stop early (stop strings, client disconnects).
+The library's one-request convenience, on the same machinery as the serving
+engine (model/runner.py): each prompt row is prefilled chunk by chunk into its
+own scratch cache and copied into a small slot pool, then `sample_rows` /
+`SlotPool.decode` alternate, yielding each step's tokens so callers can stream
+them and stop early (stop strings, client disconnects).
 
-Randomness: each step splits the key as Hugging Face's Flax `generate` does
-(`key, next = split(key)`, sample with `key`), with threefry in its
-non-partitionable form (jax 0.4.29's default, which the reference used). With
-`reference_key(...)` the key chain starts exactly where the reference's does,
-so sampled tokens equal the reference's for the same seed.
+Randomness: each output row has its own key chain (the request's key for one
+row, `split(key, n)` for n rows), split every step as Hugging Face's Flax
+`generate` does (`key, next = split(key)`, sample with `key`), with threefry in
+its non-partitionable form (jax 0.4.29's default, which the reference used).
+With `reference_chat_key(...)` the chain starts exactly where the reference's
+does, so sampled tokens equal the reference's for the same seed; and a row's
+tokens never depend on the other rows it is batched with.
 """
 
 from __future__ import annotations
@@ -26,15 +29,15 @@ from jax.sharding import Mesh
 from lwm_serve.model import sharding as sharding_lib
 from lwm_serve.model import steps
 from lwm_serve.model.config import ModelConfig
-from lwm_serve.model.kv_cache import init_cache
 from lwm_serve.model.params import Params, unstack_layers
+from lwm_serve.model.runner import SlotPool, pool_slots
 from lwm_serve.model.sampling import SamplingArrays, SamplingFeatures, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 Head = Literal["text", "vision"]
-END_OF_FRAME = 8192
-TOKENS_PER_FRAME = 257
+# Step index (0 = first new token) -> a token to emit instead of sampling, or None.
+ForcedTokens = Callable[[int], "int | None"]
 
 
 class ContextLengthError(ValueError):
@@ -101,29 +104,11 @@ def seed_key(seed: int | None) -> jax.Array:
     return jax.random.PRNGKey(seed)
 
 
-@dataclass
-class _Batch:
-    tokens: np.ndarray         # [B, P] left padded
-    vision_mask: np.ndarray    # [B, P]
-    attention_mask: np.ndarray  # [B, P]
-    positions: np.ndarray      # [B, P]
-    next_position: np.ndarray  # [B]
-
-
-def left_pad(rows: Sequence[PromptRow], length: int, pad_id: int = 0) -> _Batch:
-    """Right-align each row in `length` columns; positions count real tokens only."""
-    b = len(rows)
-    tokens = np.full((b, length), pad_id, np.int32)
-    vmask = np.zeros((b, length), bool)
-    amask = np.zeros((b, length), np.int32)
-    for i, row in enumerate(rows):
-        n = len(row.ids)
-        if n:
-            tokens[i, -n:] = row.ids
-            vmask[i, -n:] = row.mask()
-            amask[i, -n:] = 1
-    positions = np.maximum(np.cumsum(amask, axis=1) - 1, 0).astype(np.int32)
-    return _Batch(tokens, vmask, amask, positions, amask.sum(axis=1).astype(np.int32))
+def row_keys(key: jax.Array, rows: int) -> np.ndarray:
+    """[rows, 2] key chains of a request's output rows: its key for one row, split for more."""
+    with jax.threefry_partitionable(False):
+        keys = key[None] if rows == 1 else jax.random.split(key, rows)
+    return np.asarray(keys)
 
 
 @dataclass
@@ -154,11 +139,6 @@ class Generator:
             sharding_lib.validate(self.cfg, self.mesh)
             self.params = sharding_lib.shard_params(self.params, self.cfg, self.mesh)
 
-    def _init_cache(self, batch_size: int, length: int):
-        if self.mesh is None:
-            return init_cache(self.cfg, batch_size, length)
-        return sharding_lib.init_sharded_cache(self.cfg, batch_size, length, self.mesh)
-
     @property
     def context_limit(self) -> int:
         return self.max_context or self.cfg.max_sequence_length
@@ -167,15 +147,10 @@ class Generator:
         if prompt_tokens + max_new_tokens > self.context_limit:
             raise ContextLengthError(prompt_tokens, max_new_tokens, self.context_limit)
 
-    def _prompt_bucket(self, n: int) -> int:
-        if n <= self.prefill_chunk:
-            return min(steps.bucket_length(n), max(self.prefill_chunk, steps.MIN_BUCKET))
-        return int(np.ceil(n / self.prefill_chunk) * self.prefill_chunk)
-
     def stream(self, rows: Sequence[PromptRow], sampling: SamplingParams | Sequence[SamplingParams],
                *, max_new_tokens: int, key: jax.Array, head: Head = "text",
                uncond_rows: Sequence[PromptRow] | None = None,
-               stop_token_ids: Sequence[int] = (), force_frame_delimiters: bool = False,
+               stop_token_ids: Sequence[int] = (), forced_tokens: ForcedTokens | None = None,
                top_logprobs: int = 0,
                on_prefill_chunk: Callable[[int, int], None] | None = None) -> Iterator[StepOutput]:
         """Generate up to `max_new_tokens` tokens per row, one step per yield.
@@ -183,13 +158,13 @@ class Generator:
         Args:
           rows: the prompts (B' rows).
           sampling: one SamplingParams for all rows or one per row.
-          key: the rng key the step chain starts from.
+          key: the rng key the step chains start from (see `row_keys`).
           head: sample text tokens (`lm_head`) or vision codes (`vision_head`).
           uncond_rows: classifier-free guidance: the unconditional prompt per
             row; logits are mixed with each row's `cfg_scale`.
           stop_token_ids: a row is finished after sampling one of these.
-          force_frame_delimiters: every 257th vision token is forced to 8192
-            (end of frame), as the reference's `_sample_vision`.
+          forced_tokens: steps whose token is dictated rather than sampled (the
+            vision layout's frame delimiters, as the reference's `_sample_vision`).
           on_prefill_chunk: called with (chunks done, chunks total) during prefill.
         Yields:
           StepOutput per step; the loop ends when every row finished or after
@@ -208,39 +183,42 @@ class Generator:
             raise ValueError("empty prompt")
         self.check_length(longest, max_new_tokens)
 
-        prompt_len = self._prompt_bucket(longest)
-        batch = left_pad(all_rows, prompt_len)
-        cache_len = steps.bucket_length(prompt_len + max_new_tokens)
-        cache = self._init_cache(len(all_rows), cache_len)
+        pool = SlotPool(self.params, self.cfg, num_slots=len(all_rows), mesh=self.mesh,
+                        prefill_chunk=self.prefill_chunk,
+                        max_length=steps.bucket_length(
+                            max(pool_slots(len(r.ids), self.prefill_chunk) for r in all_rows)
+                            + max_new_tokens))
+        tasks = [pool.start_prefill(r.ids, r.mask(), head, reuse=False) for r in all_rows]
+        total, done = sum(t.chunks_total for t in tasks), 0
+        for row, task in enumerate(tasks):
+            while not task.complete:
+                pool.prefill_step(task)
+                done += 1
+                if on_prefill_chunk is not None:
+                    on_prefill_chunk(done, total)
+            pool.insert(task, row)
+        logits = jnp.concatenate([t.logits for t in tasks], axis=0)
+        del tasks
+
         knobs = SamplingArrays.from_params(knobs_list)
         features = SamplingFeatures.of(knobs_list)
         cfg_scale = jnp.asarray([k.cfg_scale for k in knobs_list], jnp.float32)
         vocab = self.cfg.vocab_size if head == "text" else self.cfg.vision_vocab_size
-        counts = jnp.zeros((n_out, vocab), jnp.int32)
-
-        chunk = min(prompt_len, self.prefill_chunk)
-        n_chunks = prompt_len // chunk
-        logits = None
-        for c in range(n_chunks):
-            sl = slice(c * chunk, (c + 1) * chunk)
-            logits, cache = steps.prefill_chunk(
-                self.params, self.cfg, jnp.asarray(batch.tokens[:, sl]),
-                jnp.asarray(batch.vision_mask[:, sl]), jnp.asarray(batch.attention_mask[:, sl]),
-                jnp.asarray(batch.positions[:, sl]), cache, head, self.mesh)
-            if on_prefill_chunk is not None:
-                on_prefill_chunk(c + 1, n_chunks)
-
-        positions = batch.next_position.copy()
+        counts = np.zeros((n_out, vocab), np.int32) if features.penalties else None
+        keys = jnp.asarray(row_keys(key, n_out))
         stop = np.asarray(sorted(set(stop_token_ids)), np.int32)
         finished = np.zeros(n_out, bool)
         for i in range(max_new_tokens):
             with jax.threefry_partitionable(False):
-                step_key, key = jax.random.split(key)
-                tokens, counts, chosen, top_vals, top_ids = steps.sample_next(
-                    step_key, logits, knobs, counts, cfg_scale, use_cfg, top_logprobs, features)
+                tokens, keys, chosen, top_vals, top_ids = steps.sample_rows(
+                    keys, logits, knobs, None if counts is None else jnp.asarray(counts), cfg_scale,
+                    use_cfg, top_logprobs, features)
             host_tokens = np.asarray(tokens)
-            if force_frame_delimiters and (i + 1) % TOKENS_PER_FRAME == 0:
-                host_tokens = np.full_like(host_tokens, END_OF_FRAME)
+            if counts is not None:
+                counts[np.arange(n_out), host_tokens] += 1
+            forced = forced_tokens(i) if forced_tokens is not None else None
+            if forced is not None:
+                host_tokens = np.full_like(host_tokens, forced)
             now_finished = ~finished & np.isin(host_tokens, stop)
             finished |= now_finished
             yield StepOutput(i, host_tokens, np.asarray(chosen), np.asarray(top_vals)[:, :top_logprobs],
@@ -248,9 +226,7 @@ class Generator:
             if finished.all() or i + 1 == max_new_tokens:
                 return
             feed = np.concatenate([host_tokens, host_tokens]) if use_cfg else host_tokens
-            logits, cache = steps.decode_step(self.params, self.cfg, jnp.asarray(feed),
-                                              jnp.asarray(positions), cache, head, self.mesh)
-            positions = positions + 1
+            logits = pool.decode({r: int(t) for r, t in enumerate(feed)}, head)
 
     def generate(self, rows: Sequence[PromptRow], sampling: SamplingParams | Sequence[SamplingParams],
                  **kwargs) -> list[list[int]]:

@@ -77,18 +77,20 @@ def update_layer(k_layer: jax.Array, v_layer: jax.Array, new_k: jax.Array, new_v
     a (rows, :, slots) scatter made it copy the layer (25x slower decode).
 
     Args:
-      k_layer, v_layer: [B, K, S, D] (head-major cache); new_k, new_v: [B, T, K, D]
-        (fresh projections); slots: [B, T] (slots outside [0, S) are dropped).
+      k_layer, v_layer: [B, K, S, D] (head-major cache); new_k, new_v: [R, T, K, D]
+        (fresh projections of the cache's first R <= B rows: a decode step over
+        the occupied prefix of an engine's slot pool); slots: [R, T] (slots
+        outside [0, S) are dropped).
     """
     b, kh, s, d = k_layer.shape
-    t = slots.shape[1]
-    in_range = (slots >= 0) & (slots < s)                                         # [B, T]
-    rows = (jnp.arange(b)[:, None, None] * kh + jnp.arange(kh)[None, :, None]) * s
-    index = jnp.where(in_range[:, None, :], rows + slots[:, None, :], b * kh * s)  # [B, K, T]
+    r, t = slots.shape
+    in_range = (slots >= 0) & (slots < s)                                         # [R, T]
+    rows = (jnp.arange(r)[:, None, None] * kh + jnp.arange(kh)[None, :, None]) * s
+    index = jnp.where(in_range[:, None, :], rows + slots[:, None, :], b * kh * s)  # [R, K, T]
     index = index.reshape(-1)
 
     def write(cache: jax.Array, new: jax.Array) -> jax.Array:
-        vectors = jnp.swapaxes(new, 1, 2).reshape(b * kh * t, d).astype(cache.dtype)
+        vectors = jnp.swapaxes(new, 1, 2).reshape(r * kh * t, d).astype(cache.dtype)
         flat = cache.reshape(b * kh * s, d).at[index].set(vectors, mode="drop")
         return flat.reshape(b, kh, s, d)
 

@@ -105,23 +105,34 @@ def _full_mask(tokens: jax.Array, attention_mask: jax.Array, segment_ids: jax.Ar
 
 
 def _cached_attend(cfg: ModelConfig, cache: kvc.KVCache, slots: jax.Array,
-                   token_valid: jax.Array) -> tuple[_Attend, jax.Array]:
-    """Single-device attention over the cache; returns (attend, the new valid mask)."""
-    b, t = slots.shape
-    rows = jnp.arange(b)[:, None]
+                   token_valid: jax.Array, read_length: int | None) -> tuple[_Attend, jax.Array]:
+    """Single-device attention over the cache; returns (attend, the new valid mask).
+
+    `slots` [R, T] may cover only the cache's first R rows, and attention may
+    read only its first `read_length` slots: an engine's decode step over the
+    occupied part of a slot pool (rows and lengths bucketed by the caller)
+    then costs what the live requests need, not what the pool could hold.
+    """
+    r, t = slots.shape
+    rows = jnp.arange(r)[:, None]
     valid = cache.valid.at[rows, slots].set(token_valid, mode="drop")
-    key_idx = jnp.broadcast_to(jnp.arange(cache.max_length, dtype=jnp.int32), (b, cache.max_length))
+    length = read_length or cache.max_length
+    full_view = r == cache.batch_size and length == cache.max_length
+    read_valid = valid if full_view else valid[:r, :length]
+    key_idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (r, length))
 
     def attend(q, k, v, layer, state):
         ks, vs = list(state[0]), list(state[1])
         # Write only this layer's new slots (in place: the layer's buffer has no other use).
         kl, vl = kvc.update_layer(ks[layer], vs[layer], k, v, slots)
         ks[layer], vs[layer] = kl, vl
-        if t == 1:  # decode: one query per row, a [B, 1, S] mask is cheap
-            mask = attn.causal_mask(slots, key_idx) & attn.key_mask(valid, 1)
+        if not full_view:
+            kl, vl = kl[:r, :, :length], vl[:r, :, :length]
+        if t == 1:  # decode: one query per row, a [R, 1, S] mask is cheap
+            mask = attn.causal_mask(slots, key_idx) & attn.key_mask(read_valid, 1)
             out = attn.finalize(attn.attend_block(q, kl, vl, mask), q.dtype)
         else:
-            part = attn.blockwise_partial(q, kl, vl, slots, key_idx, valid,
+            part = attn.blockwise_partial(q, kl, vl, slots, key_idx, read_valid,
                                           q_block=cfg.scan_query_chunk_size,
                                           k_block=cfg.scan_key_chunk_size)
             out = attn.finalize_or_zero(part, q.dtype)
@@ -136,7 +147,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, vision_mask: ja
             heads: Sequence[Head] = ("text", "vision"), last_only: bool = False,
             output_hidden_states: bool = False,
             attention_fn: AttentionFn = attn.dense_attention,
-            layer_attention: LayerAttentionFn | None = None) -> Output:
+            layer_attention: LayerAttentionFn | None = None,
+            cache_read_length: int | None = None) -> Output:
     """Run the decoder.
 
     Args:
@@ -154,6 +166,9 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, vision_mask: ja
       layer_attention: replaces the cache write + attention of every layer; the
         returned cache then carries the new k/v but the input's `valid`/`index`
         (the override's caller keeps that bookkeeping, in its own layout).
+      cache_read_length: attend to the cache's first slots only (static; the
+        caller guarantees every row's slots so far lie below it). With fewer
+        token rows than cache rows, the tokens belong to the cache's first rows.
     Returns:
       Output with fp32 logits.
     """
@@ -184,8 +199,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, vision_mask: ja
         def attend(q, k, v, layer, st):
             return attention_fn(q, k, v, mask), st
     else:
-        slots = kvc.write_slots(cache, tokens.shape[1])
-        attend, valid = _cached_attend(cfg, cache, slots, token_valid)
+        slots = kvc.write_slots(cache, tokens.shape[1])[:tokens.shape[0]]
+        attend, valid = _cached_attend(cfg, cache, slots, token_valid, cache_read_length)
         state = (cache.k, cache.v)
 
     hidden: list[jax.Array] = []
@@ -209,6 +224,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, vision_mask: ja
     if cache is not None and layer_attention is not None:
         new_cache = kvc.KVCache(k=state[0], v=state[1], valid=cache.valid, index=cache.index)
     elif cache is not None:
-        new_cache = kvc.KVCache(k=state[0], v=state[1], valid=valid, index=cache.index + tokens.shape[1])
+        index = cache.index.at[:tokens.shape[0]].add(tokens.shape[1])
+        new_cache = kvc.KVCache(k=state[0], v=state[1], valid=valid, index=index)
     return Output(text_logits, vision_logits, tuple(hidden) if output_hidden_states else None,
                   new_cache)

@@ -19,7 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from lwm_serve.server.config import ServerSettings
 from lwm_serve.server.errors import install_error_handlers
-from lwm_serve.server.metrics import HttpCounter, MetricsMiddleware
+from lwm_serve.server.metrics import MetricsMiddleware, ServerMetrics
 from lwm_serve.server.routes import chat, completions, files, health, models, video
 from lwm_serve.server.schemas.chat import ChatCompletionRequest, ChatMessage
 from lwm_serve.server.services import RuntimeLike, Services, build_services
@@ -44,7 +44,7 @@ def load_runtime_for(settings: ServerSettings, *, progress: bool = True) -> Runt
                         tokenizer=settings.tokenizer, vqgan=settings.vqgan,
                         served_model_name=settings.served_model_name, dtype=settings.dtype,
                         max_model_len=settings.max_model_len, prefill_chunk=settings.prefill_chunk,
-                        mesh=mesh, progress=progress)
+                        mesh=mesh, progress=progress, load_format=settings.load_format)
 
 
 async def warm_up(services: Services) -> None:
@@ -67,7 +67,7 @@ def build_app(settings: ServerSettings, runtime: RuntimeLike | None = None) -> F
         if rt is None:
             logger.info("loading model %s", settings.model)
             rt = await asyncio.to_thread(load_runtime_for, settings)
-        services = build_services(settings, rt)
+        services = build_services(settings, rt, observer=app.state.metrics)
         services.engine.start()
         app.state.services = services
         warm = asyncio.create_task(_warm_then_ready(app, services, settings.warmup))
@@ -86,13 +86,13 @@ def build_app(settings: ServerSettings, runtime: RuntimeLike | None = None) -> F
     app.state.settings = settings
     app.state.services = None
     app.state.ready = False
-    app.state.http_counter = HttpCounter()
+    app.state.metrics = ServerMetrics(app.state)
     for router in (health.router, models.router, chat.router, completions.router, files.router,
                    video.router):
         app.include_router(router)
     app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                        allow_headers=["*"])
-    app.add_middleware(MetricsMiddleware, counter=app.state.http_counter)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)
     return app
 

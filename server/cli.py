@@ -20,12 +20,23 @@ import logging
 import sys
 from typing import Any, Sequence
 
+import uvicorn
 from pydantic import ValidationError
 
 logger = logging.getLogger(__name__)
 
 COMMANDS = ("serve", "generate", "plan")
 PROG = "lwm-serve"
+
+def _optional(kind: type) -> Any:
+    """argparse type: a `kind` value, or None for "none" (a setting whose unset means "no limit")."""
+
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
+    return parse
+
 
 # (flag, settings field, argparse kwargs); help comes from the field's description.
 _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
@@ -38,6 +49,7 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--mesh", "mesh", {}),
     ("--max-model-len", "max_model_len", {"type": int}),
     ("--prefill-chunk", "prefill_chunk", {"type": int}),
+    ("--load-format", "load_format", {"choices": ["auto", "dummy"]}),
     ("--log-level", "log_level", {"choices": ["debug", "info", "warning", "error", "critical"]}),
 ]
 _SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
@@ -49,17 +61,11 @@ _SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--max-batch", "max_batch", {"type": int}),
     ("--default-max-tokens", "default_max_tokens", {"type": int}),
     ("--warmup", "warmup", {"action": argparse.BooleanOptionalAction}),
+    ("--max-num-seqs", "max_num_seqs", {"type": int}),
+    ("--kv-cache-bytes", "kv_cache_bytes", {"type": _optional(int), "metavar": "BYTES|none"}),
+    ("--prefix-cache-bytes", "prefix_cache_bytes", {"type": int, "metavar": "BYTES"}),
+    ("--request-timeout", "request_timeout_s", {"type": _optional(float), "metavar": "SECONDS|none"}),
 ]
-
-
-def _optional(kind: type) -> Any:
-    """argparse type: a `kind` value, or None for "none" (a setting whose unset means "no limit")."""
-
-    def parse(text: str) -> Any:
-        return None if text.strip().lower() == "none" else kind(text)
-
-    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
-    return parse
 
 
 _MEDIA_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
@@ -145,9 +151,27 @@ def serve(settings: Any) -> int:
     app = build_app(settings, runtime)
     logger.info("listening on http://%s:%d (auth %s)", settings.host, settings.port,
                 "on" if settings.accepted_keys else "off")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
-                log_level=settings.log_level, timeout_graceful_shutdown=10)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            log_level=settings.log_level, timeout_graceful_shutdown=DRAIN_TIMEOUT_S)
+    DrainingServer(config).run()
     return 0
+
+
+DRAIN_TIMEOUT_S = 30
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: /ready turns false and new requests get 503 at once, while
+    uvicorn lets in-flight streams finish (at most DRAIN_TIMEOUT_S) before the engine
+    stops."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        app = self.config.app
+        services = getattr(app.state, "services", None)
+        if services is not None and not services.engine.draining:
+            services.engine.drain()
+        app.state.ready = False
+        super().handle_exit(sig, frame)
 
 
 def generate(settings: Any, args: argparse.Namespace) -> int:

@@ -80,6 +80,9 @@ class ServerSettings(BaseSettings):
     mesh: str = Field("1,1,1,1", description="device mesh dp,fsdp,tp,sp (one axis may be -1)")
     max_model_len: int | None = Field(None, ge=1, description="longest prompt + completion (default: the model's)")
     prefill_chunk: int = Field(2048, ge=1, description="longest prompt piece prefilled in one step")
+    load_format: Literal["auto", "dummy"] = Field("auto", description=(
+        "'auto': read the weights of --model; 'dummy': random weights of the --model-config preset "
+        "(benchmarks and capacity tests; vLLM's name), served with the demo tokenizer"))
     # --- HTTP
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="bind port (0: any free port)")
@@ -94,6 +97,15 @@ class ServerSettings(BaseSettings):
     default_max_tokens: int = Field(512, ge=1, description=(
         "chat completion length when the request sets none (capped by the free context)"))
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 queue-full answers")
+    max_num_seqs: int = Field(16, ge=1, le=4096, description=(
+        "decode slots: most sequences (requests x n) generating at once; the KV pool has one row each"))
+    kv_cache_bytes: int | None = Field(None, ge=1, description=(
+        "bound on the KV pool's bytes: fewer decode slots when --max-num-seqs rows would not fit"))
+    prefix_cache_bytes: int = Field(1 << 30, ge=0, description=(
+        "bytes of finished prompt prefills kept for reuse by prompts with the same start "
+        "(multi-turn chats, follow-up questions on a video); 0 disables"))
+    request_timeout_s: float | None = Field(None, gt=0, le=7 * 24 * 3600, description=(
+        "a request still running after this many seconds fails with 504; unset: no limit"))
     warmup: bool = Field(True, description="compile with one tiny generation before /ready says yes")
     # --- files and media (images / video)
     data_dir: Path | None = Field(None, description=(

@@ -61,6 +61,7 @@ class Runtime:
     cfg: ModelConfig
     vqgan: vq.VQGAN | None = None
     mesh: Any = None
+    step_hook: Any = None  # called by the engine worker before each step (tests pace it)
 
     @property
     def max_context(self) -> int:
@@ -175,7 +176,7 @@ def load_runtime(model: str = DEMO, *, model_config_spec: str | None = None,
                  served_model_name: str | None = None, dtype: str = "float32",
                  max_model_len: int | None = None, prefill_chunk: int = 2048,
                  mesh: Any = None, device_memory: int | None = None,
-                 progress: bool = True) -> Runtime:
+                 progress: bool = True, load_format: str = "auto") -> Runtime:
     """Load weights, tokenizer and (optionally) the VQGAN; validate they fit together.
 
     Before any weight is read, the capacity planner checks that parameters, the
@@ -183,6 +184,12 @@ def load_runtime(model: str = DEMO, *, model_config_spec: str | None = None,
     (`device_memory` bytes; default: what the accelerator reports, else 32 GiB).
     """
     name = served_model_name
+    if load_format == "dummy":
+        return _dummy_runtime(model_config_spec, tokenizer=tokenizer, vqgan=vqgan, name=name, dtype=dtype,
+                              max_model_len=max_model_len, prefill_chunk=prefill_chunk, mesh=mesh,
+                              device_memory=device_memory)
+    if load_format != "auto":
+        raise LoadError(f"unknown load format {load_format!r} (auto, dummy)")
     if model == DEMO:
         root = ensure_demo()
         weights, model_config_spec = str(root / "params"), str(root / "config.json")
@@ -226,4 +233,37 @@ def load_runtime(model: str = DEMO, *, model_config_spec: str | None = None,
     logger.info("model %s ready: %d layers, hidden %d, context %d, dtype %s", name,
                 cfg.num_hidden_layers, cfg.hidden_size, generator.context_limit, dtype)
     return Runtime(generator=generator, tokenizer=tok, model_name=name, cfg=cfg,
+                   vqgan=vq_model, mesh=mesh)
+
+
+UNKNOWN_ID_TEXT = " <id:{id}>"
+
+
+def _dummy_runtime(config_spec: str | None, *, tokenizer: str | None, vqgan: str | None, name: str | None,
+                   dtype: str, max_model_len: int | None, prefill_chunk: int, mesh: Any,
+                   device_memory: int | None) -> Runtime:
+    """Random weights of a preset (vLLM's `--load-format dummy`): benchmarks at a real
+    model's shape with no checkpoint. Tokenizer and VQGAN default to the demo's; ids
+    the tokenizer does not know decode as `UNKNOWN_ID_TEXT`."""
+    if not config_spec:
+        raise LoadError("--load-format dummy needs --model-config (a preset name or a config JSON)")
+    root = ensure_demo()
+    cfg = resolve_model_config(str(root / "params"), config_spec).replace(dtype=dtype, param_dtype=dtype)
+    if max_model_len is not None and max_model_len > cfg.max_sequence_length:
+        raise LoadError(f"max model length {max_model_len} exceeds the model's "
+                        f"max_sequence_length {cfg.max_sequence_length}")
+    tok = TextTokenizer(tokenizer or root / "tokenizer")
+    tok.unknown_id_text = UNKNOWN_ID_TEXT
+    _check_vocab(tok, cfg)
+    _check_capacity(cfg, mesh, dtype, max_model_len or cfg.max_sequence_length, prefill_chunk, device_memory)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+    params, compute_cfg = unstack_layers(params, cfg, consume=True)
+    generator = Generator(params, compute_cfg, prefill_chunk=prefill_chunk, max_context=max_model_len,
+                          **({"mesh": mesh} if mesh is not None else {}))
+    vq_model = load_vqgan(vqgan or root / "vqgan" / "vqgan_params.pkl")
+    label = config_spec if config_spec in model_config.preset_names() else Path(config_spec).stem
+    logger.info("dummy weights: %s (%d layers, hidden %d), context %d", label, cfg.num_hidden_layers,
+                cfg.hidden_size, generator.context_limit)
+    return Runtime(generator=generator, tokenizer=tok, model_name=name or f"dummy-{label}", cfg=cfg,
                    vqgan=vq_model, mesh=mesh)

@@ -76,11 +76,15 @@ class Services:
         self.files.store.close()
 
 
-def build_services(settings: ServerSettings, runtime: RuntimeLike) -> Services:
+def build_services(settings: ServerSettings, runtime: RuntimeLike, observer: Any = None) -> Services:
     """Engine, stores and handlers for a loaded runtime (the engine is not started yet)."""
     check_runtime(runtime)
     name = settings.served_model_name or runtime.model_name
-    engine = Engine(runtime.generator, max_queue=settings.max_queue, retry_after_s=settings.retry_after_s)
+    engine = Engine(runtime.generator, max_queue=settings.max_queue, retry_after_s=settings.retry_after_s,
+                    max_num_seqs=settings.max_num_seqs, kv_cache_bytes=settings.kv_cache_bytes,
+                    prefix_cache_bytes=settings.prefix_cache_bytes,
+                    request_timeout_s=settings.request_timeout_s, observer=observer,
+                    step_hook=getattr(runtime, "step_hook", None))
     limits = HandlerLimits(default_max_tokens=settings.default_max_tokens, max_batch=settings.max_batch)
     data = settings.resolved_data_dir()
     store = FileStore(data / "files", settings.max_upload_bytes)

@@ -26,6 +26,7 @@ T = TypeVar("T")
 DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CLIENT_CLOSED = 499  # nginx's code: the client closed the request
+KEEPALIVE_S = 10.0
 
 
 class SSEComment(str):
@@ -52,12 +53,25 @@ def sse_frame(chunk: dict | SSEComment | SSEEvent) -> str:
     return sse_data(chunk)
 
 
-async def sse_events(chunks: AsyncIterator[dict | SSEComment | SSEEvent]) -> AsyncIterator[str]:
+async def sse_events(chunks: AsyncIterator[dict | SSEComment | SSEEvent],
+                     keepalive_s: float = KEEPALIVE_S) -> AsyncIterator[str]:
     """Frames chunk dicts (and comments / named events) as SSE; an error becomes one
     error event; always ends with [DONE] (unless the client is gone, in which case
-    nothing more is sent)."""
+    nothing more is sent). While the next chunk is slow to come (a long prefill or
+    ingest), a `: keep-alive` comment goes out every `keepalive_s` so proxies with
+    idle timeouts do not cut the stream."""
+    pending: asyncio.Future | None = None
     try:
-        async for chunk in chunks:
+        while True:
+            pending = asyncio.ensure_future(chunks.__anext__())
+            while not (await asyncio.wait({pending}, timeout=keepalive_s))[0]:
+                yield ": keep-alive\n\n"
+            try:
+                chunk = pending.result()
+            except StopAsyncIteration:
+                pending = None
+                break
+            pending = None
             yield sse_frame(chunk)
     except Exception as exc:
         err = to_api_error(exc)
@@ -67,6 +81,9 @@ async def sse_events(chunks: AsyncIterator[dict | SSEComment | SSEEvent]) -> Asy
             logger.info("stream failed: %s", err.message)
         yield sse_data(err.body())
     finally:
+        if pending is not None and not pending.done():
+            pending.cancel()  # the client left while a chunk was being made
+            await asyncio.gather(pending, return_exceptions=True)
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()  # runs the handler's cleanup (engine abort) at once

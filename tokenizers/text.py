@@ -193,6 +193,10 @@ class TextTokenizer:
                 config.update(_read_json(model_path.parent / name))
 
         self.vocab_size: int = self._sp.GetPieceSize()
+        # Text for ids past the vocabulary (None: dropped, as the reference does).
+        # Random benchmark weights (`--load-format dummy`) sample such ids all the
+        # time; there they read as " <id:N>" so streams still carry one piece per token.
+        self.unknown_id_text: str | None = None
         self._pieces: list[str] = [self._sp.IdToPiece(i) for i in range(self.vocab_size)]
         self._piece_ids: dict[str, int] = {p: i for i, p in enumerate(self._pieces)}
 
@@ -313,7 +317,8 @@ class TextTokenizer:
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         """Text of `ids`, exactly as the reference's `tokenizer.decode`.
 
-        Ids at or past `vocab_size` are dropped, as the reference does.
+        Ids at or past `vocab_size` are dropped, as the reference does (or
+        written as `unknown_id_text` when that is set).
 
         Args:
             ids: token ids (any int sequence or 1-D array).
@@ -331,6 +336,12 @@ class TextTokenizer:
             token_id = int(raw)
             if token_id < 0:
                 raise TokenizerError(f"negative token id {token_id}")
+            if token_id >= self.vocab_size and self.unknown_id_text is not None:
+                if run:
+                    parts.append(_decode_byte_run(run))
+                    run.clear()
+                parts.append(self.unknown_id_text.format(id=token_id))
+                continue
             if token_id >= self.vocab_size or (skip_special_tokens and token_id in self.special_ids):
                 continue
             byte = self._bytes[token_id]
@@ -394,13 +405,16 @@ class IncrementalDetokenizer:
         if token_id < 0:
             raise TokenizerError(f"negative token id {token_id}")
         self._n_ids += 1
-        if token_id >= tok.vocab_size or (self._skip and token_id in tok.special_ids):
+        if token_id >= tok.vocab_size and tok.unknown_id_text is not None:
+            text = tok.unknown_id_text.format(id=token_id)
+        elif token_id >= tok.vocab_size or (self._skip and token_id in tok.special_ids):
             return ""
-        byte = tok._bytes[token_id]
-        if byte >= 0:
-            self._run.append(byte)
-            return ""
-        text = tok._texts[token_id]
+        else:
+            byte = tok._bytes[token_id]
+            if byte >= 0:
+                self._run.append(byte)
+                return ""
+            text = tok._texts[token_id]
         if self._run:
             text = _decode_byte_run(self._run) + text
             self._run.clear()

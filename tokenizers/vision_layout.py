@@ -42,6 +42,15 @@ VISION_END_TEXT = "</vision>"
 FrameLayout = Literal["standard", "vision_chat"]
 
 
+def generated_frame_delimiter(step: int) -> int | None:
+    """The token dictated at generation step `step` (0 = first new vision token).
+
+    Generated frames are 256 sampled codes, then END_OF_FRAME forced rather than
+    sampled, as the reference's `_sample_vision` does; None for sampled steps.
+    """
+    return END_OF_FRAME if (step + 1) % TOKENS_PER_FRAME == 0 else None
+
+
 class VisionLayoutError(ValueError):
     """Frame codes or vision tokens that do not follow the layout."""
 

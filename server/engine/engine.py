@@ -1,34 +1,61 @@
-"""The async facade over the model: one worker thread runs every JAX call.
+"""The serving engine: continuous batching over one slot pool, on one worker thread.
 
-Event loop side: `submit()` admits a request into the bounded scheduler (raising
-QueueFullError at once when full) and returns a `RequestHandle`, whose `steps()`
-async-iterates the request's StepOutputs. Worker side: one thread takes batches
-from the scheduler and drives `Generator.stream`, handing each step to the
-request's asyncio.Queue with `loop.call_soon_threadsafe` (JAX never runs on the
-event loop). Between two steps the worker checks the request's abort flag;
-closing `steps()` early (client disconnect, all choices stopped) sets it, and the
-worker closes the generator, so generation stops at the next token.
+Event loop side: `submit()` admits a request into the bounded scheduler
+(QueueFullError at once when full) and returns a `RequestHandle`, whose
+`steps()` async-iterates the request's StepOutputs (`events()` also yields
+PrefillProgress). Worker side, one iteration ("engine step"):
+
+1. requests aborted by their client (or past their deadline) leave: their pool
+   rows are free at once;
+2. the oldest waiting request is admitted when the pool has rows for its n
+   outputs: its prompt is looked up in the prefix cache and a prefill starts;
+3. at most ONE prefill chunk runs (so a decoding stream waits at most one chunk
+   per token); a finished prefill is kept in the prefix cache, copied into its
+   rows, and its first token sampled;
+4. one decode step runs for every decoding row of every request, each row
+   sampling from its own key chain with its own settings.
+
+Steps are handed to each request's asyncio.Queue with
+`loop.call_soon_threadsafe` (JAX never runs on the event loop). Everything the
+worker decides per step (admissions, prefill chunks, the rows decoded) is
+host-side state of this thread: a multi-host follower can replay it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import logging
 import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable, Protocol
 
-from lwm_serve.model.generation import Generator, StepOutput, seed_key
-from lwm_serve.server.engine.request import AbortReason, GenerationRequest, RequestRecord, RequestStatus
+import jax.numpy as jnp
+from lwm_serve.model.generation import ContextLengthError, Generator, StepOutput
+from lwm_serve.model.prefix_cache import PrefixCache
+from lwm_serve.model.runner import SlotPool, prompt_offset
+from lwm_serve.server.engine import live as live_lib
+from lwm_serve.server.engine.live import LiveRequest
+from lwm_serve.server.engine.request import (AbortReason, GenerationRequest, PrefillProgress, RequestRecord,
+                                             RequestStatus, RequestTimeoutError)
 from lwm_serve.server.engine.scheduler import Scheduler, SchedulerClosedError
 
 logger = logging.getLogger(__name__)
 
 _END = object()
+
+
+class EngineObserver(Protocol):
+    """What the engine reports as it works (server/metrics.py implements it)."""
+
+    def request_started(self, queue_s: float, prompt_tokens: int, cached_tokens: int) -> None: ...
+    def first_token(self, ttft_s: float) -> None: ...
+    def tokens(self, count: int, gap_s: float | None) -> None: ...
+    def request_ended(self, status: str, e2e_s: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -54,17 +81,29 @@ class EngineStats:
     aborted_total: int
     failed_total: int
     generated_tokens_total: int
+    prompt_tokens_total: int = 0
+    slots_total: int = 0
+    slots_used: int = 0
+    kv_usage: float = 0.0
+    prefix_queries: int = 0
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    prefix_entries: int = 0
+    prefix_bytes: int = 0
+    prefix_in_use: int = 0
+    draining: bool = False
 
 
 class RequestHandle:
     """The consumer side of one request (lives on the event loop)."""
 
-    def __init__(self, entry: _Entry) -> None:
+    def __init__(self, entry: _Entry, wake: Callable[[], None]) -> None:
         self._entry = entry
+        self._wake = wake
         self._ended = False
         # A handle dropped unconsumed (e.g. a stream whose client left before the
         # first byte) must not leave the worker generating for nobody.
-        self._on_drop = weakref.finalize(self, entry.record.request_abort, "client")
+        self._on_drop = weakref.finalize(self, _abort_record, entry.record, wake)
 
     @property
     def request_id(self) -> str:
@@ -77,15 +116,15 @@ class RequestHandle:
     def abort(self, reason: AbortReason = "client") -> None:
         """Asks the worker to stop this request at its next step (idempotent)."""
         if not self._ended:
-            self._entry.record.request_abort(reason)
+            _abort_record(self._entry.record, self._wake, reason)
 
     def _set_ended(self) -> None:
         self._ended = True
         self._on_drop.detach()
 
-    async def steps(self) -> AsyncIterator[StepOutput]:
-        """The request's steps in order. Raises the worker's exception if it failed.
-        Leaving the iteration early (break, cancel, aclose) aborts the request."""
+    async def events(self) -> AsyncIterator[StepOutput | PrefillProgress]:
+        """Prefill progress, then the request's steps in order. Raises the worker's
+        exception if it failed. Leaving early (break, cancel, aclose) aborts the request."""
         try:
             while True:
                 item = await self._entry.queue.get()
@@ -100,47 +139,114 @@ class RequestHandle:
             if not self._ended:
                 self.abort("client")
 
+    async def steps(self) -> AsyncIterator[StepOutput]:
+        """The request's steps only (see `events`)."""
+        events = self.events()
+        try:
+            async for item in events:
+                if isinstance(item, StepOutput):
+                    yield item
+        finally:
+            await events.aclose()
+
+
+def _abort_record(record: RequestRecord, wake: Callable[[], None], reason: AbortReason = "client") -> None:
+    record.request_abort(reason)
+    wake()
+
 
 class Engine:
-    """Runs generation requests on one worker thread.
+    """Continuous batching of generation requests over a slot pool.
 
     Args:
-        generator: the model (weights + generation loop).
+        generator: the model (weights, config, mesh, prefill chunk, context limit).
         max_queue: requests allowed to wait; more get QueueFullError (HTTP 503).
         retry_after_s: advice sent with QueueFullError.
         history: finished requests whose records are kept for introspection.
+        max_num_seqs: most output rows decoding at once (pool rows).
+        kv_cache_bytes: bound on the pool's bytes: fewer rows when they would not fit.
+        prefix_cache_bytes: bytes of finished prefills kept for reuse (0: none).
+        request_timeout_s: default per-request limit (None: none).
+        observer: receives metrics events.
+        step_hook: called by the worker before each engine step (tests use it to
+            pace or gate the worker).
     """
 
     def __init__(self, generator: Generator, *, max_queue: int = 64, retry_after_s: int = 1,
-                 history: int = 1024) -> None:
+                 history: int = 1024, max_num_seqs: int = 16, kv_cache_bytes: int | None = None,
+                 prefix_cache_bytes: int = 1 << 30, request_timeout_s: float | None = None,
+                 observer: EngineObserver | None = None,
+                 step_hook: Callable[[], None] | None = None) -> None:
         self.generator = generator
         self._scheduler: Scheduler[_Entry] = Scheduler(max_queue, retry_after_s)
         self._records: collections.OrderedDict[str, RequestRecord] = collections.OrderedDict()
         self._history = history
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._running: _Entry | None = None
         self._ids = itertools.count()
-        self._finished = self._aborted = self._failed = self._tokens = 0
+        self._finished = self._aborted = self._failed = self._tokens = self._prompt_tokens = 0
+        self._max_num_seqs = max_num_seqs
+        self._kv_cache_bytes = kv_cache_bytes
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.request_timeout_s = request_timeout_s
+        self.observer = observer
+        self.step_hook = step_hook
+        self.pool: SlotPool | None = None
+        self._prefilling: LiveRequest | None = None
+        self._decoding: list[LiveRequest] = []
+        self._draining = False
 
     # ------------------------------------------------------------------ lifecycle
+
+    def _build_pool(self) -> SlotPool:
+        gen = self.generator
+        chunk = gen.prefill_chunk
+        # Room for the longest request plus the left padding of a short prompt.
+        length = gen.context_limit + max(prompt_offset(n, chunk) for n in (1, chunk // 2, chunk - 1))
+        probe = SlotPool(gen.params, gen.cfg, num_slots=1, max_length=length, prefill_chunk=chunk, mesh=gen.mesh)
+        rows = self._max_num_seqs
+        if self._kv_cache_bytes is not None:
+            rows = max(1, min(rows, self._kv_cache_bytes // (probe.bytes_per_slot * probe.max_length)))
+        del probe
+        pool = SlotPool(gen.params, gen.cfg, num_slots=rows, max_length=length, prefill_chunk=chunk,
+                        mesh=gen.mesh, prefix_cache=self.prefix_cache)
+        logger.info("KV pool: %d rows x %d slots (%.1f MiB), prefix cache budget %.1f MiB", rows,
+                    pool.max_length, rows * pool.max_length * pool.bytes_per_slot / 2**20,
+                    self.prefix_cache.budget / 2**20)
+        return pool
 
     def start(self) -> None:
         if self._thread is not None:
             return
+        if self.pool is None:
+            self.pool = self._build_pool()
         self._thread = threading.Thread(target=self._work, name="lwm-engine", daemon=True)
         self._thread.start()
         logger.info("engine worker started (max_queue %d)", self._scheduler.max_queue)
 
+    def drain(self) -> None:
+        """Refuses new requests from now on; running ones go on (see `stop`)."""
+        self._draining = True
+        logger.info("draining: new requests are refused, %d running", self.stats().running)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def idle(self) -> bool:
+        """Nothing waiting, prefilling or decoding."""
+        return (self._prefilling is None and not self._decoding
+                and self._scheduler.stats().waiting == 0)
+
     def stop(self, timeout: float = 30.0) -> None:
-        """Stops admissions, fails waiting requests, aborts the running one, joins."""
+        """Stops admissions, fails waiting requests, aborts running ones, joins."""
         for entry in self._scheduler.close():
             entry.record.status = RequestStatus.FAILED
             self._deliver(entry, _Failure(SchedulerClosedError("the server is shutting down")))
             self._deliver(entry, _END)
-        running = self._running
-        if running is not None:
-            running.record.request_abort("client")
+        for live in list(self._decoding) + ([self._prefilling] if self._prefilling else []):
+            live.entry.record.request_abort("client")
+        self._scheduler.wake()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -166,10 +272,15 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Admits a request (call on the event loop). Raises QueueFullError when full."""
-        if not self.alive:
-            raise SchedulerClosedError("the engine is not running")
+        if not self.alive or self._draining:
+            raise SchedulerClosedError("the server is shutting down" if self._draining
+                                       else "the engine is not running")
         self.check_length(request.prompt_tokens, request.max_new_tokens)
-        record = RequestRecord(request.request_id, len(request.rows), request.max_new_tokens)
+        if self.pool is not None and len(request.rows) > self.pool.num_slots:
+            raise ValueError(f"{len(request.rows)} choices do not fit the engine's {self.pool.num_slots} "
+                             f"decode slots (--max-num-seqs)")
+        record = RequestRecord(request.request_id, len(request.rows), request.max_new_tokens,
+                               prompt_tokens=request.prompt_tokens)
         entry = _Entry(request, record, asyncio.get_running_loop(), asyncio.Queue())
         self._scheduler.add(entry)  # may raise QueueFullError
         with self._lock:
@@ -178,17 +289,33 @@ class Engine:
                 self._records.popitem(last=False)
         logger.debug("[%s] queued: %d rows, prompt %d, max_new %d", request.request_id,
                      len(request.rows), request.prompt_tokens, request.max_new_tokens)
-        return RequestHandle(entry)
+        return RequestHandle(entry, self._scheduler.wake)
 
     def record(self, request_id: str) -> RequestRecord | None:
         """The record of a recent request (None when unknown or forgotten)."""
         with self._lock:
             return self._records.get(request_id)
 
+    def release_session(self, session: str) -> None:
+        """Lets a session's pinned prefills be evicted again."""
+        self.prefix_cache.unpin(session)
+
     def stats(self) -> EngineStats:
         s = self._scheduler.stats()
-        return EngineStats(s.waiting, int(self._running is not None), s.admitted_total, s.rejected_total,
-                           self._finished, self._aborted, self._failed, self._tokens)
+        p = self.prefix_cache.stats()
+        pool = self.pool
+        decoding = list(self._decoding)
+        running = len(decoding) + int(self._prefilling is not None)
+        used = int(pool.used.sum()) if pool is not None else 0
+        kv = 0.0
+        if pool is not None and used:
+            kv = float(sum(min(pool.index[r], pool.max_length) for live in decoding for r in live.rows)
+                       / (pool.num_slots * pool.max_length))
+        return EngineStats(s.waiting, running, s.admitted_total, s.rejected_total,
+                           self._finished, self._aborted, self._failed, self._tokens, self._prompt_tokens,
+                           pool.num_slots if pool is not None else 0, used, kv,
+                           p.queries, p.query_tokens, p.hit_tokens, p.entries, p.bytes,
+                           self.prefix_cache.in_use(), self._draining)
 
     # ------------------------------------------------------------------ worker
 
@@ -200,44 +327,151 @@ class Engine:
 
     def _work(self) -> None:
         while True:
-            batch = self._scheduler.next_batch()
-            if batch is None:
+            busy = self._prefilling is not None or bool(self._decoding)
+            head = self._scheduler.peek(0.0 if busy else 0.5)
+            if self._scheduler.closed and not busy and head is None:
+                self._end_all()
                 return
-            for entry in batch:
-                self._running = entry
-                try:
-                    self._run(entry)
-                finally:
-                    self._running = None
+            try:
+                self._drop_stopped()
+                self._admit()
+                if self.step_hook is not None and (self._prefilling is not None or self._decoding):
+                    self.step_hook()
+                    self._drop_stopped()
+                if self._prefilling is not None:
+                    self._prefill_chunk()
+                if self._decoding:
+                    self._decode()
+            except Exception as exc:  # a bug or a device failure: fail what runs, keep serving
+                logger.exception("engine step failed")
+                for live in list(self._decoding) + ([self._prefilling] if self._prefilling else []):
+                    self._finish(live, exc)
 
-    def _run(self, entry: _Entry) -> None:
-        req, rec = entry.request, entry.record
-        rid = req.request_id
-        if rec.abort_event.is_set():
+    def _end_all(self) -> None:
+        for live in list(self._decoding) + ([self._prefilling] if self._prefilling else []):
+            self._finish(live, None)
+
+    def _drop_stopped(self) -> None:
+        for entry in self._scheduler.remove_if(lambda e: e.record.abort_event.is_set()):
             self._end(entry, None)
+        now = time.monotonic()
+        for live in list(self._decoding) + ([self._prefilling] if self._prefilling else []):
+            rec = live.entry.record
+            if live.deadline is not None and now > live.deadline and not rec.abort_event.is_set():
+                rec.request_abort("timeout")
+            if rec.abort_event.is_set():
+                error = RequestTimeoutError(live.request.timeout_s or 0) if rec.abort_reason == "timeout" else None
+                self._finish(live, error)
+
+    def _admit(self) -> None:
+        if self._prefilling is not None:
             return
+        entry = self._scheduler.peek(0.0)
+        if entry is None:
+            return
+        pool = self.pool
+        req = entry.request
+        rows = pool.allocate(len(req.rows))
+        if rows is None:
+            return  # wait for rows to free up (FIFO: nobody overtakes the head)
+        self._scheduler.pop(entry)
+        rec = entry.record
         rec.status, rec.started = RequestStatus.RUNNING, time.monotonic()
-        logger.debug("[%s] running (waited %.3f s)", rid, rec.started - rec.created)
-        stream = None
-        error: BaseException | None = None
+        if req.timeout_s is None and self.request_timeout_s is not None:
+            req = _with_timeout(req, self.request_timeout_s)
+        vocab = self.generator.cfg.vocab_size
+        live = LiveRequest(entry, req, vocab, rows=rows)
         try:
-            stream = self.generator.stream(
-                req.rows, list(req.sampling), max_new_tokens=req.max_new_tokens, key=seed_key(req.seed),
-                stop_token_ids=req.stop_token_ids, top_logprobs=req.top_logprobs)
-            for step in stream:
-                rec.steps += 1
-                self._tokens += len(req.rows)
-                if rec.first_token is None:
-                    rec.first_token = time.monotonic()
-                self._deliver(entry, step)
-                if rec.abort_event.is_set():
-                    break  # stop before computing the next token
-        except Exception as exc:  # delivered to the consumer, which maps it to an API error
-            error = exc
-        finally:
-            if stream is not None:
-                stream.close()
-        self._end(entry, error)
+            distinct: dict[tuple, int] = {}
+            for row in req.rows:
+                key = (tuple(row.ids), tuple(row.mask()))
+                if key not in distinct:
+                    distinct[key] = len(live.tasks)
+                    live.tasks.append(pool.start_prefill(row.ids, row.mask(), "text", reuse=req.reuse_prefix))
+                live.task_of_row.append(distinct[key])
+        except Exception as exc:
+            self._finish(live, exc)
+            return
+        for task in live.tasks:
+            room = pool.max_length - (task.offset + task.length)
+            if room < req.max_new_tokens:
+                self._finish(live, ContextLengthError(task.length, req.max_new_tokens, self.context_limit))
+                return
+        rec.cached_tokens = min(t.reused for t in live.tasks)
+        self._prompt_tokens += req.prompt_tokens
+        if self.observer is not None:
+            self.observer.request_started(rec.started - rec.created, req.prompt_tokens, rec.cached_tokens)
+        logger.debug("[%s] admitted to rows %s (waited %.3f s, %d/%d prompt tokens cached)", req.request_id,
+                     rows, rec.started - rec.created, rec.cached_tokens, req.prompt_tokens)
+        self._prefilling = live
+
+    def _prefill_chunk(self) -> None:
+        live = self._prefilling
+        pool = self.pool
+        task = next(t for t in live.tasks if not t.complete)
+        pool.prefill_step(task)
+        done = sum(t.chunks_done for t in live.tasks)
+        total = sum(t.chunks_total for t in live.tasks)
+        self._deliver(live.entry, PrefillProgress(done, total, sum(t.done for t in live.tasks),
+                                                  sum(t.length for t in live.tasks),
+                                                  live.entry.record.cached_tokens))
+        if not live.prefilled:
+            return
+        if live.request.reuse_prefix:
+            for task in live.tasks:
+                kept = pool.keep(task)
+                if kept is not None and live.request.session is not None:
+                    self.prefix_cache.pin(kept, live.request.session)
+        for r, row in enumerate(live.rows):
+            pool.insert(live.tasks[live.task_of_row[r]], row)
+        logits = jnp.concatenate([t.logits for t in live.tasks], axis=0)
+        live.tasks = []  # their caches live on in the prefix cache only
+        self._prefilling = None
+        outputs = live_lib.sample([live], logits, [live.task_of_row])
+        self._decoding.append(live)
+        self._hand_out([live], outputs)
+
+    def _decode(self) -> None:
+        pool = self.pool
+        feed = {}
+        for live in self._decoding:
+            for r, row in enumerate(live.rows):
+                feed[row] = int(live.last[r])
+        logits = pool.decode(feed, "text")
+        outputs = live_lib.sample(self._decoding, logits, [live.rows for live in self._decoding],
+                                  pad_to=logits.shape[0])
+        self._hand_out(list(self._decoding), outputs)
+
+    def _hand_out(self, lives: list[LiveRequest], outputs: list[StepOutput]) -> None:
+        now = time.monotonic()
+        for live, out in zip(lives, outputs):
+            rec = live.entry.record
+            rec.steps += 1
+            self._tokens += live.n
+            gap = None
+            if rec.first_token is None:
+                rec.first_token = now
+                if self.observer is not None:
+                    self.observer.first_token(now - rec.created)
+            else:
+                gap = now - live.last_time
+            live.last_time = now
+            if self.observer is not None:
+                self.observer.tokens(live.n, gap)
+            self._deliver(live.entry, out)
+            if live.done:
+                self._finish(live, None)
+
+    def _finish(self, live: LiveRequest, error: BaseException | None) -> None:
+        if live in self._decoding:
+            self._decoding.remove(live)
+        if self._prefilling is live:
+            self._prefilling = None
+        if live.rows:
+            self.pool.release(live.rows)
+            live.rows = []
+        live.tasks = []
+        self._end(live.entry, error)
 
     def _end(self, entry: _Entry, error: BaseException | None) -> None:
         rec = entry.record
@@ -245,7 +479,8 @@ class Engine:
         if error is not None:
             rec.status, rec.error = RequestStatus.FAILED, f"{type(error).__name__}: {error}"
             self._failed += 1
-            logger.warning("[%s] failed after %d steps: %s", rec.request_id, rec.steps, rec.error)
+            log = logger.info if isinstance(error, (RequestTimeoutError, ContextLengthError)) else logger.warning
+            log("[%s] failed after %d steps: %s", rec.request_id, rec.steps, rec.error)
             self._deliver(entry, _Failure(error))
         elif rec.abort_reason == "client":
             rec.status = RequestStatus.ABORTED
@@ -255,4 +490,10 @@ class Engine:
             rec.status = RequestStatus.FINISHED
             self._finished += 1
             logger.debug("[%s] finished: %d steps", rec.request_id, rec.steps)
+        if self.observer is not None:
+            self.observer.request_ended(rec.status.value, rec.ended - rec.created)
         self._deliver(entry, _END)
+
+
+def _with_timeout(req: GenerationRequest, seconds: float) -> GenerationRequest:
+    return dataclasses.replace(req, timeout_s=seconds)

@@ -22,14 +22,33 @@ class RequestStatus(str, enum.Enum):
     RUNNING = "running"
     FINISHED = "finished"   # generation ended (all rows stopped, length, or the consumer had enough)
     ABORTED = "aborted"     # the client went away
-    FAILED = "failed"       # an exception in the worker
+    FAILED = "failed"       # an exception in the worker (or the request ran past its deadline)
 
     @property
     def done(self) -> bool:
         return self not in (RequestStatus.QUEUED, RequestStatus.RUNNING)
 
 
-AbortReason = Literal["client", "done"]
+AbortReason = Literal["client", "done", "timeout"]
+
+
+class RequestTimeoutError(TimeoutError):
+    """The request ran longer than the server's per-request limit."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        super().__init__(f"the request did not finish within the server's limit of {seconds:g} s")
+
+
+@dataclass(frozen=True)
+class PrefillProgress:
+    """Prompt chunks prefilled so far (delivered before the first token)."""
+
+    chunks_done: int
+    chunks_total: int
+    tokens_done: int
+    tokens_total: int
+    cached_tokens: int
 
 
 @dataclass(frozen=True)
@@ -46,6 +65,10 @@ class GenerationRequest:
             choices differ, and the same seed + rows give the same choices.
         stop_token_ids: a row ends after sampling one of these (empty: ignore EOS).
         top_logprobs: alternatives to report per step (0: none).
+        timeout_s: the request fails once it has run this long (None: no limit).
+        session: keep this prompt's prefill pinned in the prefix cache under
+            this name until the session is released (follow-up questions).
+        reuse_prefix: look the prompt up in the prefix cache (and keep it after).
     """
 
     request_id: str
@@ -55,6 +78,9 @@ class GenerationRequest:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     top_logprobs: int = 0
+    timeout_s: float | None = None
+    session: str | None = None
+    reuse_prefix: bool = True
 
     def __post_init__(self) -> None:
         if not self.rows or len(self.rows) != len(self.sampling):
@@ -77,6 +103,8 @@ class RequestRecord:
     max_new_tokens: int
     status: RequestStatus = RequestStatus.QUEUED
     steps: int = 0  # decode steps run (tokens generated per row)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None
     created: float = field(default_factory=time.monotonic)
     started: float | None = None

@@ -1,10 +1,8 @@
 """Admission and scheduling: a bounded FIFO of requests waiting for the model.
 
-Pure Python, no JAX: the worker thread calls `next_batch()`; the event loop
-calls `add()`. Today a batch is one request (its n rows run together), so
-concurrent requests run one after another; continuous batching (many requests
-sharing decode steps, slots joining and leaving) will replace `next_batch`
-here without touching the HTTP side.
+Pure Python, no JAX: the event loop calls `add()`; the engine's worker thread
+`peek()`s at the oldest request and `pop()`s it once the slot pool has room for
+it (FIFO admission: a large request is not overtaken by smaller ones forever).
 """
 
 from __future__ import annotations
@@ -70,16 +68,35 @@ class Scheduler(Generic[T]):
             self._admitted += 1
             self._cond.notify()
 
-    def next_batch(self, timeout: float | None = None) -> list[T] | None:
-        """Blocks until work is available; returns the next batch, [] on timeout,
-        None once closed and drained."""
+    def peek(self, timeout: float | None = 0.0) -> T | None:
+        """The oldest waiting entry, left in the queue; waits up to `timeout`
+        (None: until one comes or the scheduler closes). None when there is none."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._queue or self._closed, timeout):
-                return []
-            if not self._queue:
-                return None
-            # One request per batch for now (see module docstring).
-            return [self._queue.popleft()]
+            if timeout != 0.0:
+                self._cond.wait_for(lambda: self._queue or self._closed, timeout)
+            return self._queue[0] if self._queue else None
+
+    def pop(self, entry: T) -> None:
+        """Takes a peeked entry out of the queue (it starts running)."""
+        with self._cond:
+            self._queue.remove(entry)
+
+    def remove_if(self, predicate) -> list[T]:
+        """Takes every waiting entry matching `predicate` out (aborted while waiting)."""
+        with self._cond:
+            gone = [e for e in self._queue if predicate(e)]
+            for e in gone:
+                self._queue.remove(e)
+            return gone
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def wake(self) -> None:
+        """Wakes a worker blocked in `peek` (an abort or a stop happened)."""
+        with self._cond:
+            self._cond.notify_all()
 
     def close(self) -> list[T]:
         """Stops admissions; returns the entries that were still waiting."""

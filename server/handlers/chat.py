@@ -24,7 +24,7 @@ from typing import AsyncIterator, Sequence
 
 from lwm_serve.model.generation import PromptRow
 from lwm_serve.server.engine.engine import Engine
-from lwm_serve.server.engine.request import GenerationRequest
+from lwm_serve.server.engine.request import GenerationRequest, RequestRecord
 from lwm_serve.server.errors import InvalidRequestError, to_api_error
 from lwm_serve.server.handlers import common
 from lwm_serve.server.handlers.choices import choice_events
@@ -182,7 +182,7 @@ class ChatHandler:
                     len(prompt.ids), sum(prompt.vision_mask), req.n, max_tokens, req.stream)
         decoders = [ChoiceDecoder(self.tokenizer, stops, stop_ids, keep_logprobs=req.logprobs)
                     for _ in range(req.n)]
-        usage = _Usage(len(prompt.ids), decoders)
+        usage = _Usage(len(prompt.ids), decoders, handle.record)
         events = choice_events(handle, decoders, top_n)
         response_id = f"chatcmpl-{request_id}"
         if req.stream:
@@ -233,10 +233,9 @@ class ChatHandler:
 
 
 class _Usage:
-    def __init__(self, prompt_tokens: int, decoders: Sequence[ChoiceDecoder]) -> None:
-        self.prompt_tokens, self.decoders = prompt_tokens, decoders
+    def __init__(self, prompt_tokens: int, decoders: Sequence[ChoiceDecoder], record: RequestRecord) -> None:
+        self.prompt_tokens, self.decoders, self.record = prompt_tokens, decoders, record
 
     def info(self) -> UsageInfo:
         completion = sum(d.completion_tokens for d in self.decoders)
-        return UsageInfo(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
-                         total_tokens=self.prompt_tokens + completion)
+        return UsageInfo.of(self.prompt_tokens, completion, self.record.cached_tokens)

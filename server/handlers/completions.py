@@ -14,7 +14,7 @@ from typing import AsyncIterator, Sequence
 
 from lwm_serve.model.generation import ContextLengthError, PromptRow
 from lwm_serve.server.engine.engine import Engine
-from lwm_serve.server.engine.request import GenerationRequest
+from lwm_serve.server.engine.request import GenerationRequest, RequestRecord
 from lwm_serve.server.errors import InvalidRequestError, UnsupportedFeatureError, to_api_error
 from lwm_serve.server.handlers import common
 from lwm_serve.server.handlers.choices import choice_events
@@ -104,18 +104,18 @@ class CompletionHandler:
         response_id = f"cmpl-{request_id}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._stream(response_id, req, events, decoders, echoes, prompt_tokens, include_usage)
-        return await self._collect(response_id, req, events, decoders, echoes, prompt_tokens)
+            return self._stream(response_id, req, events, decoders, echoes, prompt_tokens, include_usage,
+                                handle.record)
+        return await self._collect(response_id, req, events, decoders, echoes, prompt_tokens, handle.record)
 
     @staticmethod
-    def _usage(prompt_tokens: int, decoders: Sequence[ChoiceDecoder]) -> UsageInfo:
+    def _usage(prompt_tokens: int, decoders: Sequence[ChoiceDecoder], record: RequestRecord) -> UsageInfo:
         completion = sum(d.completion_tokens for d in decoders)
-        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
-                         total_tokens=prompt_tokens + completion)
+        return UsageInfo.of(prompt_tokens, completion, record.cached_tokens)
 
     async def _collect(self, response_id: str, req: CompletionRequest, events: AsyncIterator,
                        decoders: Sequence[ChoiceDecoder], echoes: list[str],
-                       prompt_tokens: int) -> CompletionResponse:
+                       prompt_tokens: int, record: RequestRecord) -> CompletionResponse:
         n = len(decoders)
         texts = list(echoes)
         records: list[list] = [[] for _ in range(n)]
@@ -130,11 +130,11 @@ class CompletionHandler:
                                        if req.logprobs is not None else None))
             for i in range(n)]
         return CompletionResponse(id=response_id, created=common.now(), model=self.model_name,
-                                  choices=choices, usage=self._usage(prompt_tokens, decoders))
+                                  choices=choices, usage=self._usage(prompt_tokens, decoders, record))
 
     async def _stream(self, response_id: str, req: CompletionRequest, events: AsyncIterator,
                       decoders: Sequence[ChoiceDecoder], echoes: list[str], prompt_tokens: int,
-                      include_usage: bool) -> AsyncIterator[dict]:
+                      include_usage: bool, record: RequestRecord) -> AsyncIterator[dict]:
         created = common.now()
 
         def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> dict:
@@ -152,5 +152,5 @@ class CompletionHandler:
                     yield chunk([CompletionChoice(index=ev.index, text=ev.text, logprobs=logprobs,
                                                   finish_reason=ev.finish_reason)])
         if include_usage:
-            yield chunk([], self._usage(prompt_tokens, decoders))
+            yield chunk([], self._usage(prompt_tokens, decoders, record))
 

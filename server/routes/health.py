@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from lwm_serve.server import metrics
 from lwm_serve.server.errors import ServiceUnavailableError, error_response
@@ -13,7 +13,8 @@ router = APIRouter(tags=["health"])
 
 def is_ready(request: Request) -> bool:
     services = getattr(request.app.state, "services", None)
-    return bool(getattr(request.app.state, "ready", False) and services is not None and services.engine.alive)
+    return bool(getattr(request.app.state, "ready", False) and services is not None and services.engine.alive
+                and not services.engine.draining)
 
 
 @router.get("/health")
@@ -32,8 +33,6 @@ async def ready(request: Request) -> JSONResponse:
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-async def prometheus_metrics(request: Request) -> PlainTextResponse:
-    services = getattr(request.app.state, "services", None)
-    text = metrics.render(request.app.state.http_counter, services.engine.stats() if services else None,
-                          is_ready(request))
-    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+async def prometheus_metrics(request: Request) -> Response:
+    """Prometheus exposition (see server/metrics.py for the names)."""
+    return Response(request.app.state.metrics.render(), media_type=metrics.CONTENT_TYPE)

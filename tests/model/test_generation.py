@@ -15,6 +15,7 @@ import pytest
 from lwm_serve.model.generation import (ContextLengthError, Generator, PromptRow,
                                         reference_chat_key, reference_vision_keys, seed_key)
 from lwm_serve.model.sampling import SamplingParams
+from lwm_serve.tokenizers.vision_layout import generated_frame_delimiter
 
 HF_DEFAULT_TOP_K = 50  # GenerationConfig's default, applied by the reference when sampling
 
@@ -56,7 +57,7 @@ def _vision_case(gen: Generator, case: dict, d: dict) -> None:
     sampling = SamplingParams(temperature=flags["temperature_image"], top_k=flags["top_k_image"],
                               cfg_scale=flags["cfg_scale_image"])
     image = gen.generate(rows[:1], sampling, uncond_rows=rows[1:], max_new_tokens=257, key=keys[0],
-                         head="vision", force_frame_delimiters=True)[0]
+                         head="vision", forced_tokens=generated_frame_delimiter)[0]
     assert image == case["image_tokens_257"]
     np.testing.assert_array_equal(np.asarray(image[:256]).reshape(16, 16), d["image_codes"][0])
     if n_frames == 1:
@@ -67,7 +68,7 @@ def _vision_case(gen: Generator, case: dict, d: dict) -> None:
     sampling = SamplingParams(temperature=flags["temperature_video"], top_k=flags["top_k_video"],
                               cfg_scale=flags["cfg_scale_video"])
     video = gen.generate(rows[:1], sampling, uncond_rows=rows[1:], max_new_tokens=(n_frames - 1) * 257,
-                         key=keys[1], head="vision", force_frame_delimiters=True)[0]
+                         key=keys[1], head="vision", forced_tokens=generated_frame_delimiter)[0]
     frames = [image[:256]] + [video[i * 257: i * 257 + 256] for i in range(n_frames - 1)]
     np.testing.assert_array_equal(np.asarray(frames), np.asarray(case["video_frames_codes"]))
     np.testing.assert_array_equal(np.asarray(frames).reshape(-1, 16, 16), d["video_codes"])

@@ -88,11 +88,12 @@ def test_cache_stays_sequence_sharded_with_each_slot_on_its_owner(spec):
                                atol=FP32_TOL, rtol=0)
     next_tok = jnp.asarray([5, 7], jnp.int32)
     next_pos = jnp.asarray(np.asarray(pos)[:, -1] + 1)
-    logits, cache = steps.decode_step(sharded_params, cfg, next_tok, next_pos, out.cache, "text", mesh)
+    logits, cache = steps.decode_rows(sharded_params, cfg, next_tok, next_pos, jnp.ones(2, bool), out.cache, "text",
+                                       mesh)
 
     ref = init_cache(cfg, 2, 64)
     _, ref = steps.prefill_chunk(params, cfg, tokens, vmask, amask, pos, ref, "text")
-    ref_logits, ref = steps.decode_step(params, cfg, next_tok, next_pos, ref, "text")
+    ref_logits, ref = steps.decode_rows(params, cfg, next_tok, next_pos, jnp.ones(2, bool), ref, "text")
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=FP32_TOL, rtol=0)
 
     bsplit = mesh.shape["dp"] * mesh.shape["fsdp"]

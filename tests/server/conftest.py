@@ -51,35 +51,14 @@ def vision_runtime(fixture_runtime: Runtime, reference_dir: Path) -> Runtime:
     return dataclasses.replace(fixture_runtime, vqgan=load_vqgan(reference_dir / "vqgan" / "vqgan_params.pkl"))
 
 
-@dataclass
-class StepHookGenerator:
-    """The real generator, calling `before_step()` before handing out each step:
-    a gate makes "the worker is busy" a fact of the test, a sleep keeps a long
-    request long however fast the model gets."""
-
-    inner: Any
-    before_step: Callable[[], None]
-
-    @property
-    def context_limit(self) -> int:
-        return self.inner.context_limit
-
-    def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        self.inner.check_length(prompt_tokens, max_new_tokens)
-
-    def stream(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        for step in self.inner.stream(*args, **kwargs):
-            self.before_step()
-            yield step
-
-
 @pytest.fixture
 def hooked_runtime(fixture_runtime: Runtime) -> Callable[[Callable[[], None]], Runtime]:
-    """hooked_runtime(before_step): the fixture runtime with a StepHookGenerator."""
+    """hooked_runtime(before_step): the fixture runtime whose engine calls `before_step()`
+    before each engine step: a gate makes "the worker is busy" a fact of the test, a
+    sleep keeps a long request long however fast the model gets."""
     import dataclasses
 
-    return lambda before_step: dataclasses.replace(
-        fixture_runtime, generator=StepHookGenerator(fixture_runtime.generator, before_step))
+    return lambda before_step: dataclasses.replace(fixture_runtime, step_hook=before_step)
 
 
 @dataclass

@@ -27,21 +27,36 @@ def test_health_ready_docs(live):
     assert "400" in spec["paths"]["/v1/chat/completions"]["post"]["responses"]
 
 
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} through prometheus-client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
 def test_metrics_count_requests_and_tokens(live, auth_headers):
-    before = httpx.get(f"{live.base_url}/metrics").text
+    before = metric_samples(httpx.get(f"{live.base_url}/metrics").text)
     r = httpx.post(f"{live.base_url}/v1/chat/completions", headers=auth_headers, timeout=120,
                    json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "ignore_eos": True})
     assert r.status_code == 200
-    after = httpx.get(f"{live.base_url}/metrics")
-    assert after.headers["content-type"].startswith("text/plain")
+    response = httpx.get(f"{live.base_url}/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    after = metric_samples(response.text)
 
-    def value(text: str, name: str) -> float:
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+    def grew(name: str, labels: tuple = ()) -> float:
+        return after[(name, labels)] - before.get((name, labels), 0.0)
 
-    assert value(after.text, "lwm_generated_tokens_total") == value(before, "lwm_generated_tokens_total") + 3
-    key = 'lwm_http_responses_total{method="POST",route="/v1/chat/completions",status="200"}'
-    assert value(after.text, key) == value(before, key) + 1
-    assert value(after.text, "lwm_ready") == 1
+    assert grew("lwm:generation_tokens_total") == 3
+    assert grew("lwm:prompt_tokens_total") == r.json()["usage"]["prompt_tokens"]
+    assert grew("lwm:http_responses_total",
+                (("method", "POST"), ("route", "/v1/chat/completions"), ("status", "200"))) == 1
+    assert grew("lwm:time_to_first_token_seconds_count") == 1
+    assert grew("lwm:inter_token_latency_seconds_count") == 2
+    assert grew("lwm:e2e_request_latency_seconds_count") == 1
+    assert grew("lwm:requests_total", (("status", "finished"),)) == 1
+    assert after[("lwm:ready", ())] == 1
+    assert after[("lwm:kv_slots_used", ())] == 0  # the finished request gave its slot back
 
 
 def test_cors_preflight(live):

@@ -1,165 +1,242 @@
-"""The engine: worker thread, bounded queue, abort between steps, failures (no HTTP)."""
+"""The engine: continuous batching on the real fixture model, prefix reuse, aborts,
+timeouts, failures, shutdown (no HTTP)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 from contextlib import aclosing
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 
-from lwm_serve.model.generation import PromptRow, StepOutput
+from lwm_serve.model.generation import PromptRow, StepOutput, seed_key
 from lwm_serve.model.sampling import SamplingParams
 from lwm_serve.server.engine.engine import Engine
-from lwm_serve.server.engine.request import GenerationRequest, RequestStatus
+from lwm_serve.server.engine.request import (GenerationRequest, PrefillProgress, RequestStatus,
+                                             RequestTimeoutError)
 from lwm_serve.server.engine.scheduler import QueueFullError
 
 
-@dataclass
-class FakeGenerator:
-    """Yields token 7 forever-ish; optionally waits on `gate` before each step or fails."""
-
-    gate: threading.Event | None = None
-    permits: threading.Semaphore | None = None  # one acquired per step, when given
-    fail_at: int | None = None
-    context_limit: int = 100
-    steps_run: int = 0
-    threads: set = field(default_factory=set)
-
-    def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        assert prompt_tokens + max_new_tokens <= self.context_limit
-
-    def stream(self, rows, sampling, *, max_new_tokens, key, stop_token_ids, top_logprobs):
-        self.threads.add(threading.current_thread().name)
-        b = len(rows)
-        for i in range(max_new_tokens):
-            if self.gate is not None:
-                assert self.gate.wait(30)
-            if self.permits is not None:
-                assert self.permits.acquire(timeout=30)
-            if self.fail_at == i:
-                raise RuntimeError("boom")
-            self.steps_run += 1
-            yield StepOutput(i, np.full(b, 7, np.int32), np.zeros(b, np.float32), np.zeros((b, 0)),
-                             np.zeros((b, 0), np.int32), np.zeros(b, bool))
+def _prompt(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text)
 
 
-def _request(engine: Engine, max_new: int = 5, rows: int = 1) -> GenerationRequest:
-    return GenerationRequest(engine.new_request_id(), [PromptRow([1, 2, 3])] * rows,
-                             [SamplingParams(temperature=0)] * rows, max_new)
+def _request(engine: Engine, ids: list[int], max_new: int = 5, n: int = 1, seed: int | None = 0,
+             sampling: SamplingParams | None = None, stop: tuple[int, ...] = (), **kw) -> GenerationRequest:
+    sampling = sampling or SamplingParams(temperature=0)
+    return GenerationRequest(engine.new_request_id(), [PromptRow(ids)] * n, [sampling] * n, max_new,
+                             seed=seed, stop_token_ids=stop, **kw)
 
 
 async def _collect(handle) -> list[StepOutput]:
     return [s async for s in handle.steps()]
 
 
-def test_steps_flow_back_and_jax_work_is_on_the_worker_thread():
-    gen = FakeGenerator()
-    engine = Engine(gen, max_queue=4)  # type: ignore[arg-type]
+def _tokens(steps: list[StepOutput]) -> np.ndarray:
+    return np.stack([s.tokens for s in steps], axis=1)  # [n, steps]
+
+
+def _alone(generator, req: GenerationRequest) -> np.ndarray:
+    """What the one-request Generator gives for the same rows, settings and seed."""
+    out = generator.generate(list(req.rows), list(req.sampling), max_new_tokens=req.max_new_tokens,
+                             key=seed_key(req.seed), stop_token_ids=req.stop_token_ids)
+    return out
+
+
+@pytest.fixture
+def engine(fixture_runtime):
+    eng = Engine(fixture_runtime.generator, max_queue=32, max_num_seqs=8, prefix_cache_bytes=64 << 20)
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+def _assert_clean(engine: Engine) -> None:
+    stats = engine.stats()
+    assert stats.slots_used == 0 and stats.running == 0 and stats.waiting == 0
+    assert stats.prefix_in_use == 0
+
+
+def test_mixed_batch_gives_each_request_its_tokens_alone(engine, fixture_runtime):
+    tok = fixture_runtime.tokenizer
+    long_text = " ".join(f"word{i}" for i in range(120))
+    requests = [
+        _request(engine, _prompt(tok, "Hello there"), max_new=9),
+        _request(engine, _prompt(tok, long_text), max_new=6, seed=3,
+                 sampling=SamplingParams(temperature=0.9, top_k=20)),
+        _request(engine, _prompt(tok, "A second question, sampled"), max_new=7, n=3, seed=11,
+                 sampling=SamplingParams(temperature=1.0, top_p=0.8)),
+        _request(engine, _prompt(tok, "Penalised " * 5), max_new=8, seed=5,
+                 sampling=SamplingParams(temperature=0.7, presence_penalty=1.5, frequency_penalty=0.5)),
+        _request(engine, _prompt(tok, "Greedy with a stop"), max_new=12, stop=(tok.eos_id, 300, 301, 302)),
+    ]
+
+    async def main():
+        handles = [engine.submit(r) for r in requests]
+        return await asyncio.gather(*[_collect(h) for h in handles]), handles
+
+    outs, handles = asyncio.run(main())
+    for req, steps, handle in zip(requests, outs, handles):
+        got = _tokens(steps)
+        alone = _alone(fixture_runtime.generator, req)
+        for r in range(len(req.rows)):
+            row = got[r].tolist()
+            if steps[-1].finished[r] or any(s.finished[r] for s in steps):
+                end = next(i for i, s in enumerate(steps) if s.finished[r]) + 1
+                row = row[:end]
+            assert row == alone[r], f"request {req.request_id} row {r}"
+        assert handle.record.status is RequestStatus.FINISHED
+    # n=3 choices from one seed differ (own key chains), yet each equals its run alone.
+    assert len({tuple(r) for r in _tokens(outs[2]).tolist()}) > 1
+    _assert_clean(engine)
+
+
+def test_follow_up_reuses_the_prefix_and_gives_the_cold_tokens(engine, fixture_runtime):
+    tok = fixture_runtime.tokenizer
+    context = _prompt(tok, " ".join(f"fact{i} is {i * 7}" for i in range(55)))
+    first = context + _prompt(tok, "What is fact3?")[1:]
+    follow = first + _prompt(tok, " And fact9?")[1:]
+
+    async def main():
+        one = engine.submit(_request(engine, first, max_new=4))
+        await _collect(one)
+        two = engine.submit(_request(engine, follow, max_new=6))
+        events = [e async for e in two.events()]
+        cold = engine.submit(_request(engine, follow, max_new=6, reuse_prefix=False))
+        return one, two, events, await _collect(cold), cold
+
+    one, two, events, cold_steps, cold = asyncio.run(main())
+    steps = [e for e in events if isinstance(e, StepOutput)]
+    progress = [e for e in events if isinstance(e, PrefillProgress)]
+    assert one.record.cached_tokens == 0
+    assert two.record.cached_tokens >= 0.9 * len(follow)
+    assert cold.record.cached_tokens == 0
+    assert _tokens(steps).tolist() == _tokens(cold_steps).tolist()
+    # progress comes from the prefill itself, before the first token, counting real chunks
+    assert progress and events.index(progress[-1]) < events.index(steps[0])
+    assert progress[-1].chunks_done == progress[-1].chunks_total
+    assert progress[-1].cached_tokens == two.record.cached_tokens
+    stats = engine.stats()
+    assert stats.prefix_hit_tokens >= two.record.cached_tokens
+    _assert_clean(engine)
+
+
+def test_prompt_of_chunk_plus_one_is_not_two_full_chunks(fixture_runtime):
+    pool_chunk = fixture_runtime.generator.prefill_chunk
+    from lwm_serve.model.runner import SlotPool
+
+    gen = fixture_runtime.generator
+    pool = SlotPool(gen.params, gen.cfg, num_slots=1, max_length=4 * pool_chunk, prefill_chunk=pool_chunk)
+    task = pool.start_prefill(np.arange(3, 3 + pool_chunk + 1) % 700, np.zeros(pool_chunk + 1, bool))
+    assert [t for _, t in task.chunks] == [pool_chunk, 32]
+    assert sum(t for _, t in task.chunks) < 2 * pool_chunk
+
+
+def test_aborts_free_their_slots_at_once(engine, fixture_runtime):
+    ids = _prompt(fixture_runtime.tokenizer, "Tell me a long story")
+
+    async def main():
+        handle = engine.submit(_request(engine, ids, max_new=400, n=2))
+        async with aclosing(handle.steps()) as steps:
+            async for step in steps:
+                if step.index == 2:
+                    break
+        for _ in range(500):
+            if handle.record.status.done:
+                break
+            await asyncio.sleep(0.01)
+        return handle.record
+
+    record = asyncio.run(main())
+    assert record.status is RequestStatus.ABORTED and record.steps < 400
+    assert engine.stats().aborted_total == 1
+    _assert_clean(engine)
+
+
+def test_timeout_fails_the_request_and_frees_it(fixture_runtime):
+    gate = threading.Event()
+    engine = Engine(fixture_runtime.generator, max_queue=4, max_num_seqs=2, request_timeout_s=0.2,
+                    step_hook=lambda: gate.wait(0.05))
     engine.start()
     try:
         async def main():
-            handles = [engine.submit(_request(engine, max_new=3, rows=2)) for _ in range(3)]
-            return await asyncio.gather(*[_collect(h) for h in handles]), handles
+            handle = engine.submit(_request(engine, [1, 5, 6], max_new=1000))
+            with pytest.raises(RequestTimeoutError):
+                await _collect(handle)
+            return handle.record
 
-        outs, handles = asyncio.run(main())
-        assert [len(o) for o in outs] == [3, 3, 3]
-        assert all(h.record.status is RequestStatus.FINISHED for h in handles)
-        assert all(h.record.tokens_generated == 6 for h in handles)
-        assert gen.threads == {"lwm-engine"}
+        record = asyncio.run(main())
+        assert record.status is RequestStatus.FAILED and "did not finish" in record.error
+        _assert_clean(engine)
     finally:
         engine.stop()
 
 
-def test_queue_full_is_immediate_and_carries_retry_after():
+def test_queue_full_and_fifo_admission(fixture_runtime):
     gate = threading.Event()
-    engine = Engine(FakeGenerator(gate=gate), max_queue=1, retry_after_s=3)  # type: ignore[arg-type]
+    engine = Engine(fixture_runtime.generator, max_queue=1, retry_after_s=3, max_num_seqs=1,
+                    step_hook=lambda: gate.wait(30))
     engine.start()
     try:
         async def main():
-            running = engine.submit(_request(engine))
-            for _ in range(100):  # wait until the worker has taken it
+            running = engine.submit(_request(engine, [1, 5, 6], max_new=3))
+            for _ in range(500):
                 if running.record.status is RequestStatus.RUNNING:
                     break
                 await asyncio.sleep(0.01)
-            waiting = engine.submit(_request(engine))
+            waiting = engine.submit(_request(engine, [1, 7, 8], max_new=3))
             with pytest.raises(QueueFullError) as info:
-                engine.submit(_request(engine))
+                engine.submit(_request(engine, [1, 9], max_new=3))
             assert info.value.retry_after_s == 3
             gate.set()
-            return await _collect(running), await _collect(waiting)
+            return await _collect(running), await _collect(waiting), waiting.record, running.record
 
-        a, b = asyncio.run(main())
-        assert len(a) == len(b) == 5
+        a, b, wrec, rrec = asyncio.run(main())
+        assert len(a) == len(b) == 3
+        assert wrec.started >= rrec.ended - 1e-3  # one slot: the second ran after the first left it
         assert engine.stats().rejected_total == 1
     finally:
         gate.set()
         engine.stop()
 
 
-def test_leaving_the_iteration_aborts_between_steps():
-    # The worker may run only the steps the test allows, so it cannot finish all
-    # 90 before the consumer leaves; once it has left, every step is allowed and
-    # only the abort can stop the worker.
-    permits = threading.Semaphore(3)
-    gen = FakeGenerator(permits=permits)
-    engine = Engine(gen, max_queue=2)  # type: ignore[arg-type]
+def test_a_failing_step_reaches_the_consumer_and_the_engine_goes_on(fixture_runtime):
+    calls = {"n": 0}
+
+    def hook():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+
+    engine = Engine(fixture_runtime.generator, max_queue=2, max_num_seqs=2, step_hook=hook)
     engine.start()
     try:
         async def main():
-            handle = engine.submit(_request(engine, max_new=90))
-            async with aclosing(handle.steps()) as steps:
-                async for step in steps:
-                    if step.index == 2:
-                        break
-            permits.release(100)
-            for _ in range(500):
-                if handle.record.status.done:
-                    break
-                await asyncio.sleep(0.01)
-            return handle.record
-
-        record = asyncio.run(main())
-        assert record.status is RequestStatus.ABORTED
-        assert 3 <= record.steps <= 4
-        assert gen.steps_run == record.steps
-        assert engine.stats().aborted_total == 1
-    finally:
-        engine.stop()
-
-
-def test_worker_failure_reaches_the_consumer_and_the_engine_goes_on():
-    gen = FakeGenerator(fail_at=2)
-    engine = Engine(gen, max_queue=2)  # type: ignore[arg-type]
-    engine.start()
-    try:
-        async def main():
-            handle = engine.submit(_request(engine))
-            got = []
+            handle = engine.submit(_request(engine, [1, 5, 6], max_new=5))
             with pytest.raises(RuntimeError, match="boom"):
-                async for step in handle.steps():
-                    got.append(step)
-            gen.fail_at = None
-            return got, handle.record, await _collect(engine.submit(_request(engine)))
+                await _collect(handle)
+            return handle.record, await _collect(engine.submit(_request(engine, [1, 5, 6], max_new=5)))
 
-        got, record, after = asyncio.run(main())
-        assert len(got) == 2 and record.status is RequestStatus.FAILED and "boom" in record.error
+        record, after = asyncio.run(main())
+        assert record.status is RequestStatus.FAILED and "boom" in record.error
         assert len(after) == 5
+        _assert_clean(engine)
     finally:
         engine.stop()
 
 
-def test_stop_fails_waiting_requests():
+def test_drain_refuses_new_and_stop_fails_waiting(fixture_runtime):
     gate = threading.Event()
-    engine = Engine(FakeGenerator(gate=gate), max_queue=2)  # type: ignore[arg-type]
+    engine = Engine(fixture_runtime.generator, max_queue=2, max_num_seqs=1, step_hook=lambda: gate.wait(30))
     engine.start()
 
     async def main():
-        first = engine.submit(_request(engine))
-        second = engine.submit(_request(engine))
-        await asyncio.sleep(0.05)
+        first = engine.submit(_request(engine, [1, 5, 6], max_new=3))
+        second = engine.submit(_request(engine, [1, 5, 7], max_new=3))
+        engine.drain()
+        with pytest.raises(Exception, match="shutting down"):
+            engine.submit(_request(engine, [1, 5, 8], max_new=3))
         stopper = threading.Thread(target=engine.stop)
         stopper.start()
         await asyncio.sleep(0.05)

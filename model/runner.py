@@ -1,0 +1,279 @@
+"""The slot pool: one KV cache allocated once, rows handed to requests as they come and go.
+
+Host-side driver over the jitted steps of model/steps.py, shared by the serving
+engine (server/engine/) and the one-request `Generator` (model/generation.py).
+
+* A prompt is prefilled on its own into a one-row scratch cache
+  (`start_prefill` + `prefill_step`, one chunk per call, so the engine can
+  interleave chunks with decode steps), then copied into a free row of the pool
+  (`insert`). The finished scratch is what the prefix cache keeps.
+* `decode` runs one token for every occupied row. Rows are allocated lowest
+  first and the step runs over the first R rows and reads the first L slots,
+  R and L rounded up to powers of two: a few compiled shapes, and a lightly
+  loaded pool costs what its live requests need.
+
+Why one-row prefills and not paged blocks: each prompt then compiles to the
+same few (chunk, length) shapes whatever else runs, a finished prefill *is* a
+prefix-cache entry (no block tables, no copy when kept), and the pool stays the
+plain [B, K, S, D] layout that the sequence-sharded decode already handles.
+The price is one copy of the prompt's cache into the pool (memory-bound, small
+next to the prefill that made it).
+
+Chunk plan: a prompt of n tokens is prefilled in chunks of `prefill_chunk`; the
+rest is one chunk of `bucket_length(rest)` tokens that *ends* at the prompt's
+last token and starts inside the previous chunk if need be (those tokens are
+written again with identical values). So nothing is padded but prompts shorter
+than the smallest bucket (left-padded: their tokens start at slot `offset`),
+and no prompt pays for more than one bucket's rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from lwm_serve.model import sharding as sharding_lib
+from lwm_serve.model import steps
+from lwm_serve.model.config import ModelConfig
+from lwm_serve.model.kv_cache import KVCache, init_cache
+from lwm_serve.model.params import Params
+from lwm_serve.model.prefix_cache import PrefixCache, PrefixEntry
+
+logger = logging.getLogger(__name__)
+
+Head = Literal["text", "vision"]
+TAIL_MIN_BUCKET = 32
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+def prompt_offset(n: int, prefill_chunk: int) -> int:
+    """Left padding of a fresh n-token prompt: short prompts fill their one bucket from the right."""
+    return max(0, min(steps.bucket_length(n), prefill_chunk) - n) if n < prefill_chunk else 0
+
+
+def pool_slots(n: int, prefill_chunk: int) -> int:
+    """Pool slots a fresh n-token prompt occupies before its first new token."""
+    return prompt_offset(n, prefill_chunk) + n
+
+
+@dataclass
+class PrefillTask:
+    """One prompt being prefilled into its own one-row cache.
+
+    Slots offset..offset+n of `cache` hold the prompt's n tokens once done;
+    `reused` of them came from the prefix cache.
+    """
+
+    ids: np.ndarray
+    vision_mask: np.ndarray
+    head: Head
+    cache: KVCache
+    offset: int
+    done: int = 0
+    reused: int = 0
+    chunks: list[tuple[int, int]] = field(default_factory=list)  # (first slot, tokens) still to run
+    chunks_total: int = 0
+    logits: jax.Array | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    @property
+    def complete(self) -> bool:
+        return not self.chunks and self.logits is not None
+
+    @property
+    def chunks_done(self) -> int:
+        return self.chunks_total - len(self.chunks)
+
+
+class SlotPool:
+    """A pool of `num_slots` cache rows of `max_length` slots each, and its prefill tasks.
+
+    Args:
+      params, cfg: the model (per-layer params: see `params.unstack_layers`).
+      num_slots: rows of the pool (the most sequences decoding at once).
+      max_length: slots per row (prompt + generation + the left padding of short prompts).
+      prefill_chunk: most prompt tokens per prefill step.
+      mesh: the dp,fsdp,tp,sp mesh (sequence-sharded pool and scratch) or None.
+      prefix_cache: where finished prefills are kept and looked up (None: never reused).
+    """
+
+    def __init__(self, params: Params, cfg: ModelConfig, *, num_slots: int, max_length: int,
+                 prefill_chunk: int, mesh: Mesh | None = None,
+                 prefix_cache: PrefixCache | None = None) -> None:
+        self.params, self.cfg, self.mesh = params, cfg, mesh
+        self.prefill_chunk = prefill_chunk
+        self.prefix_cache = prefix_cache
+        self.num_slots = num_slots
+        self.max_length = self._round_length(max_length)
+        self.pool = self._new_cache(num_slots, self.max_length)
+        self.index = np.zeros(num_slots, np.int64)      # next slot each row writes (host mirror)
+        self.position = np.zeros(num_slots, np.int32)   # next RoPE position of each row
+        self.used = np.zeros(num_slots, bool)
+
+    # ------------------------------------------------------------------ layout
+
+    def _round_length(self, n: int) -> int:
+        mult = 1 if self.mesh is None else sharding_lib.cache_length_multiple(self.mesh)
+        return -(-n // mult) * mult
+
+    def _new_cache(self, rows: int, length: int) -> KVCache:
+        if self.mesh is None:
+            return init_cache(self.cfg, rows, length)
+        return sharding_lib.init_sharded_cache(self.cfg, rows, length, self.mesh)
+
+    @property
+    def bytes_per_slot(self) -> int:
+        """Bytes of keys and values per cache slot (all layers, one row)."""
+        per = 2 * self.cfg.num_hidden_layers * self.cfg.kv_heads * self.cfg.head_dim
+        return per * jnp.dtype(self.pool.k[0].dtype).itemsize
+
+    # ------------------------------------------------------------------ rows
+
+    def free_slots(self) -> list[int]:
+        return [int(i) for i in np.flatnonzero(~self.used)]
+
+    def allocate(self, count: int) -> list[int] | None:
+        """The `count` lowest free rows (marked used), or None when too few are free."""
+        free = self.free_slots()
+        if len(free) < count:
+            return None
+        rows = free[:count]
+        self.used[rows] = True
+        return rows
+
+    def release(self, rows: list[int]) -> None:
+        self.used[rows] = False
+
+    # ------------------------------------------------------------------ prefill
+
+    def _plan(self, n: int, done: int, offset: int) -> list[tuple[int, int]]:
+        chunks, chunk = [], self.prefill_chunk
+        while n - done >= chunk:
+            chunks.append((offset + done, chunk))
+            done += chunk
+        if done < n:
+            # A prompt's only chunk fills a bucket of >= 128 (left padded); a tail after
+            # earlier chunks or a kept prefix overlaps them, so a small bucket costs little
+            # recomputation (a follow-up question recomputes ~32 tokens, not 128).
+            t = min(steps.bucket_length(n - done, minimum=TAIL_MIN_BUCKET if done else steps.MIN_BUCKET), chunk)
+            chunks.append((offset + n - t, t))
+        return chunks
+
+    def start_prefill(self, ids, vision_mask, head: Head = "text", reuse: bool = True) -> PrefillTask:
+        """A task for one prompt, starting from the longest kept prefix that fits."""
+        ids = np.asarray(ids, np.int32)
+        vision_mask = np.asarray(vision_mask, bool)
+        n = len(ids)
+        if n == 0:
+            raise ValueError("empty prompt")
+        entry, shared = (None, 0)
+        if reuse and self.prefix_cache is not None:
+            entry, shared = self.prefix_cache.lookup(ids, vision_mask)
+        try:
+            if entry is not None:
+                task = self._from_entry(ids, vision_mask, head, entry, shared)
+                if task is not None:
+                    self.prefix_cache.record_hit(task.reused)
+                    return task
+            offset = prompt_offset(n, self.prefill_chunk)
+            length = self._round_length(steps.bucket_length(offset + n))
+            task = PrefillTask(ids, vision_mask, head, self._new_cache(1, length), offset)
+            task.chunks = self._plan(n, 0, offset)
+            task.chunks_total = len(task.chunks)
+            return task
+        finally:
+            if entry is not None:
+                self.prefix_cache.release(entry)
+
+    def _from_entry(self, ids, vision_mask, head, entry: PrefixEntry, shared: int) -> PrefillTask | None:
+        n, offset = len(ids), entry.offset
+        # The last token is always recomputed: its logits start the generation.
+        reuse = min(shared, n - 1)
+        chunks = self._plan(n, reuse, offset)
+        if not chunks or chunks[0][0] < 0:
+            return None  # the new part needs a chunk reaching before the prompt: start afresh
+        reuse = min(reuse, chunks[0][0] - offset)  # the last chunk may start inside the kept part
+        if reuse <= 0:
+            return None
+        length = self._round_length(steps.bucket_length(offset + n))
+        cache = steps.resize_row(entry.cache, jnp.asarray(offset + reuse, jnp.int32), length, self.mesh)
+        task = PrefillTask(ids, vision_mask, head, cache, offset, done=reuse, reused=reuse,
+                           chunks=chunks, chunks_total=len(chunks))
+        return task
+
+    def prefill_step(self, task: PrefillTask) -> bool:
+        """Runs the task's next chunk; True once the prompt is complete (logits ready)."""
+        start, t = task.chunks.pop(0)
+        first = start - task.offset                     # token index of the chunk's first slot
+        idx = np.arange(first, first + t)
+        real = idx >= 0
+        tokens = np.where(real, task.ids[np.maximum(idx, 0)], 0).astype(np.int32)[None]
+        vmask = (real & task.vision_mask[np.maximum(idx, 0)])[None]
+        positions = np.maximum(idx, 0).astype(np.int32)[None]
+        task.logits, task.cache = steps.prefill_into(
+            self.params, self.cfg, jnp.asarray(tokens), jnp.asarray(vmask),
+            jnp.asarray(real[None].astype(np.int32)), jnp.asarray(positions), task.cache,
+            jnp.asarray([start], jnp.int32), task.head, self.mesh)
+        task.done = max(task.done, first + t)
+        if task.chunks:
+            task.logits = None
+        return task.complete
+
+    def keep(self, task: PrefillTask) -> PrefixEntry | None:
+        """Offers a finished prefill to the prefix cache (it keeps the cache, no copy);
+        the entry, or None when it was not kept."""
+        if self.prefix_cache is None or not task.complete:
+            return None
+        return self.prefix_cache.store(task.ids, task.vision_mask, task.cache, task.offset)
+
+    def insert(self, task: PrefillTask, row: int) -> None:
+        """Copies a finished prefill into pool row `row`; the row decodes from there."""
+        if task.cache.max_length > self.max_length:
+            raise ValueError(f"a prefill of {task.cache.max_length} slots does not fit rows of "
+                             f"{self.max_length}")
+        self.pool = steps.insert_row(self.pool, task.cache, jnp.asarray(row, jnp.int32), self.mesh)
+        self.index[row] = task.offset + task.length
+        self.position[row] = task.length
+
+    # ------------------------------------------------------------------ decode
+
+    def decode(self, tokens: dict[int, int], head: Head = "text") -> jax.Array:
+        """One step for the rows in `tokens` (row -> the token it feeds).
+
+        Returns logits [R, V] for pool rows 0..R-1 (rows not fed are junk). Each
+        fed row writes its next slot and advances; the caller checks that rows
+        have room (`room`).
+        """
+        active = np.zeros(self.num_slots, bool)
+        active[list(tokens)] = True
+        if self.mesh is None:
+            rows = min(self.num_slots, next_power_of_two(max(tokens) + 1))
+            read = min(self.max_length, max(steps.MIN_BUCKET,
+                                            next_power_of_two(int(self.index[active].max()) + 1)))
+        else:
+            rows, read = self.num_slots, None
+        feed = np.zeros(rows, np.int32)
+        for row, tok in tokens.items():
+            feed[row] = tok
+        logits, self.pool = steps.decode_rows(
+            self.params, self.cfg, jnp.asarray(feed), jnp.asarray(self.position[:rows]),
+            jnp.asarray(active[:rows]), self.pool, head, self.mesh, read)
+        self.index[:rows] += 1
+        self.position[active] += 1
+        return logits
+
+    def room(self, row: int) -> int:
+        """Tokens row `row` can still take."""
+        return int(self.max_length - self.index[row])
