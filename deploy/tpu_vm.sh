@@ -50,7 +50,8 @@ usage() {
 Settings (environment): TPU_NAME, ZONE, PROJECT (optional), ACCELERATOR (default v4-8),
 IMAGE (default lwm-serve:tpu), PORT (8000), MODEL_DIR (checkpoint folder on every worker:
 params, tokenizer.model, vqgan), MODEL_GCS (for download), MODEL_CONFIG (7b-1m),
-PARAMS_FILE (params), VQGAN_FILE (vqgan; empty for text-only models), MESH, MAX_MODEL_LEN,
+PARAMS_FILE (params), SERVED_MODEL_NAME (the model id clients send; default: the
+basename of MODEL_DIR), VQGAN_FILE (vqgan; empty for text-only models), MESH, MAX_MODEL_LEN,
 LWM_SERVE_API_KEY (bearer key the server requires), SOURCE_RANGE and NETWORK (firewall),
 EXTRA_ARGS (more lwm-serve serve flags), WORKER (logs: which worker, default 0).
 EOF
@@ -73,6 +74,7 @@ IMAGE=${IMAGE:-lwm-serve:tpu}
 PORT=${PORT:-8000}
 MODEL_DIR=${MODEL_DIR:-/mnt/models/LWM-Chat-1M-Jax}
 MODEL_CONFIG=${MODEL_CONFIG:-7b-1m}
+SERVED_MODEL_NAME=${SERVED_MODEL_NAME:-$(basename "$MODEL_DIR")}
 PARAMS_FILE=${PARAMS_FILE:-params}
 VQGAN_FILE=${VQGAN_FILE-vqgan}
 NETWORK=${NETWORK:-default}
@@ -119,7 +121,8 @@ on_workers() { gcloud_tpu ssh --worker="$1" --command "$2"; }
 
 serve_args() {  # the lwm-serve command line inside the container
   local args=(serve --host 0.0.0.0 --port "$PORT" --model "params::/models/$PARAMS_FILE"
-              --model-config "$MODEL_CONFIG" --tokenizer /models --dtype bfloat16
+              --model-config "$MODEL_CONFIG" --served-model-name "$SERVED_MODEL_NAME"
+              --tokenizer /models --dtype bfloat16
               --mesh "$MESH" --max-model-len "$MAX_MODEL_LEN" --accelerator tpu)
   if [[ -n $VQGAN_FILE ]]; then args+=(--vqgan "/models/$VQGAN_FILE"); fi
   if [[ $1 == slice ]]; then args+=(--distributed); fi

@@ -236,6 +236,7 @@ def test_tpu_vm_defaults_fit_their_accelerator_and_the_commands_parse(tmp_path, 
         assert "--privileged" in docker and "--net=host" in docker
         serve = parse_serve_args(serve_words)
         assert (serve.accelerator, serve.host, serve.dtype) == ("tpu", "0.0.0.0", "bfloat16")
+        assert serve.served_model_name == "LWM-Chat-1M-Jax"  # the basename of the default MODEL_DIR
         assert serve.max_model_len == int(row["context"]) and serve.mesh == plan[plan.index("--mesh") + 1]
         check_serve_plan(serve, int(row["chips"]), row["memory"], capsys)
         ssh = [shlex.split(line) for line in out.stdout.splitlines() if "--privileged" in line][0]
@@ -314,7 +315,7 @@ def test_compose_cpu_demo_and_gpu_profile(capsys):
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     serve = parse_serve_args(gpu["command"])
-    assert serve.accelerator == "gpu"
+    assert serve.accelerator == "gpu" and serve.served_model_name == "LWM-Chat-1M-Jax"
     check_serve_plan(serve, int(devices[0]["count"]), gpu["x-lwm-serve-device-memory"], capsys)
 
 
@@ -394,6 +395,7 @@ def test_kubernetes_workloads_fit_probe_and_parse(capsys):
             (container,) = spec["containers"]
             words = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container["args"]]
             serve = parse_serve_args(words)
+            assert serve.served_model_name, name  # else the model id would be "params"
             limits = container["resources"]["limits"]
             chips = limits.get("google.com/tpu", limits.get("nvidia.com/gpu"))
             assert chips and serve.accelerator == ("tpu" if "google.com/tpu" in limits else "gpu"), name
@@ -411,3 +413,26 @@ def test_kubernetes_workloads_fit_probe_and_parse(capsys):
                 assert int(container["ports"][0]["containerPort"]) == 8000
     leaders = [t for _, d in workloads for t, env, g in pod_templates(d) if env.get("LWS_WORKER_INDEX") == "0"]
     assert leaders and all("readinessProbe" in t["spec"]["containers"][0] for t in leaders)
+
+
+# --------------------------------------------------------------------------- README
+
+def test_readme_deploy_commands_parse_and_fit(capsys):
+    """The README's deployment section: every lwm-serve command line in it parses, and
+    every `plan` in it that the text says fits does fit."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Deploy"):text.index("## Fidelity")]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    lines = [line.split("  #")[0].strip() for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    serves, plans = 0, 0
+    for line in (line for line in lines if "lwm-serve:" in line or "lwm-serve plan" in line):
+        words = shlex.split(line.replace("$MODEL_DIR", "/m").replace("...", "x"))
+        for image in ("lwm-serve:tpu", "lwm-serve:gpu"):
+            if image in words and "serve" in words[words.index(image):]:
+                serve = parse_serve_args(words[words.index(image) + 1:])
+                assert serve.accelerator == image.split(":")[1] and serve.max_model_len
+                serves += 1
+        if "plan" in words and words[words.index("plan") - 1] == "lwm-serve":
+            plan_says_fits(words[words.index("plan"):], capsys)
+            plans += 1
+    assert serves >= 2 and plans >= 2, (serves, plans)
