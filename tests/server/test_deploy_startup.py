@@ -115,3 +115,36 @@ def test_auto_warns_loudly_when_a_plugin_is_installed_but_jax_runs_on_cpu(monkey
         cli._check_accelerator("auto", "tpu")
         cli._check_accelerator("tpu", "tpu")
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize("env,wanted", [
+    ({}, False),
+    ({"JAX_NUM_PROCESSES": "1"}, False),
+    ({"JAX_NUM_PROCESSES": "4"}, True),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.2:8476"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, False),          # single-host GKE TPU pod
+    ({"TPU_WORKER_HOSTNAMES": "lws-0.lws,lws-0-1.lws"}, True),  # multi-host GKE TPU slice
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, False),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}, True),
+    ({"LWM_DISTRIBUTED": "1"}, True),
+])
+def test_multi_process_environments_are_recognised(env, wanted):
+    from lwm_serve.model.mesh import distributed_requested
+
+    assert distributed_requested(env) is wanted
+
+
+def test_explicit_values_and_force_decide_whether_jax_distributed_starts(monkeypatch):
+    import jax
+
+    from lwm_serve.model import mesh
+
+    calls: list[dict] = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    assert mesh.maybe_initialize_distributed({}, force=False, coordinator_address="h:1") is False
+    assert mesh.maybe_initialize_distributed({}, force=True) is True  # TPU VM slice: all from metadata
+    assert mesh.maybe_initialize_distributed(
+        {"JAX_NUM_PROCESSES": "8", "JAX_PROCESS_ID": "5"}, coordinator_address="h:1", num_processes=2,
+        process_id=1) is True  # flags win over the environment
+    assert calls == [{}, {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}]
