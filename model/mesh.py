@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -109,30 +109,70 @@ def make_mesh(spec: str = "1,1,1,-1", devices: Sequence[jax.Device] | None = Non
     return mesh
 
 
-def maybe_initialize_distributed(env: dict[str, str] | None = None) -> bool:
-    """Start JAX's multi-controller runtime when the environment describes several hosts.
+def distributed_requested(env: Mapping[str, str] | None = None) -> bool:
+    """Whether the environment describes a run of several processes (pure; reads `env` only).
 
-    Calls `jax.distributed.initialize()` (which reads the coordinator address,
-    process count and id from the cluster environment: TPU pods, SLURM, or the
-    explicit variables below) when any of these is set: `JAX_COORDINATOR_ADDRESS`,
-    `LWM_DISTRIBUTED=1` (TPU pods auto-detect everything), or a process count > 1.
-    Returns True when it initialised. Safe to call twice.
+    Recognised: `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` > 1 (JAX's own variables),
+    `TPU_WORKER_HOSTNAMES` naming more than one host (a multi-host TPU slice on GKE),
+    `SLURM_NTASKS` > 1 inside a SLURM job, and `LWM_DISTRIBUTED=1` (a TPU VM pod slice,
+    whose topology JAX reads from the TPU metadata server rather than the environment).
     """
     env = os.environ if env is None else env
-    wanted = (env.get("LWM_DISTRIBUTED", "") in ("1", "true", "yes")
-              or bool(env.get("JAX_COORDINATOR_ADDRESS"))
-              or int(env.get("JAX_NUM_PROCESSES", "1") or 1) > 1)
-    if not wanted:
+
+    def count(name: str) -> int:
+        try:
+            return int(env.get(name, "1") or 1)
+        except ValueError:
+            return 1
+
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    return (env.get("LWM_DISTRIBUTED", "").lower() in ("1", "true", "yes")
+            or bool(env.get("JAX_COORDINATOR_ADDRESS"))
+            or count("JAX_NUM_PROCESSES") > 1
+            or len(hosts) > 1
+            or (bool(env.get("SLURM_JOB_ID")) and count("SLURM_NTASKS") > 1))
+
+
+def maybe_initialize_distributed(env: Mapping[str, str] | None = None, *,
+                                 coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None,
+                                 force: bool | None = None) -> bool:
+    """Start JAX's multi-controller runtime when asked to, before any mesh is built.
+
+    Explicit arguments (the CLI's `--coordinator/--num-processes/--process-id`) win;
+    without them `jax.distributed.initialize()` reads the coordinator address, process
+    count and id from the cluster environment (TPU pods, GKE, SLURM, or JAX's
+    `JAX_COORDINATOR_ADDRESS`/`JAX_NUM_PROCESSES`/`JAX_PROCESS_ID`).
+
+    Args:
+      env: the environment to inspect (default: os.environ).
+      coordinator_address, num_processes, process_id: explicit values.
+      force: True initialises even when nothing asks for it (a TPU VM pod slice is
+        only visible through its metadata server); False never initialises; None
+        (default) initialises when an explicit value is given or
+        `distributed_requested(env)`.
+    Returns:
+      True when this call initialised the runtime; False when it was not asked for
+      or was already running (safe to call twice).
+    """
+    env = os.environ if env is None else env
+    explicit = any(v is not None for v in (coordinator_address, num_processes, process_id))
+    wanted = force if force is not None else (explicit or distributed_requested(env))
+    if not wanted or jax.distributed.is_initialized():
         return False
-    if jax.distributed.is_initialized():
-        return False
-    kwargs = {}
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
-    if env.get("JAX_NUM_PROCESSES"):
-        kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
-    if env.get("JAX_PROCESS_ID"):
-        kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+    kwargs: dict[str, object] = {}
+    address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    count = num_processes if num_processes is not None else env.get("JAX_NUM_PROCESSES")
+    index = process_id if process_id is not None else env.get("JAX_PROCESS_ID")
+    if address:
+        kwargs["coordinator_address"] = address
+    if count not in (None, ""):
+        kwargs["num_processes"] = int(count)
+    if index not in (None, ""):
+        kwargs["process_id"] = int(index)
+    logger.info("initialising jax.distributed (%s)",
+                ", ".join(f"{k}={v}" for k, v in kwargs.items()) or "from the cluster environment")
     jax.distributed.initialize(**kwargs)
     logger.info("jax.distributed initialised: process %d of %d, %d global devices",
                 jax.process_index(), jax.process_count(), jax.device_count())

@@ -66,6 +66,13 @@ _SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--prefix-cache-bytes", "prefix_cache_bytes", {"type": int, "metavar": "BYTES"}),
     ("--request-timeout", "request_timeout_s", {"type": _optional(float), "metavar": "SECONDS|none"}),
 ]
+_DEPLOY_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--accelerator", "accelerator", {"choices": ["auto", "cpu", "gpu", "tpu"]}),
+    ("--coordinator", "coordinator", {"metavar": "HOST:PORT"}),
+    ("--num-processes", "num_processes", {"type": int, "metavar": "N"}),
+    ("--process-id", "process_id", {"type": int, "metavar": "I"}),
+    ("--distributed", "distributed", {"action": argparse.BooleanOptionalAction}),
+]
 
 
 _MEDIA_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
@@ -99,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible API (default)")
     _add_flags(serve, _FLAGS + _SERVE_FLAGS)
     _add_flags(serve.add_argument_group("images and video"), _MEDIA_FLAGS)
+    _add_flags(serve.add_argument_group("accelerator and multi-host"), _DEPLOY_FLAGS)
     gen = sub.add_parser("generate", help="print a completion from the loaded model (offline)")
     gen.add_argument("prompt", help="the user message (or the raw prompt with --raw)")
     _add_flags(gen, _FLAGS)
@@ -134,6 +142,61 @@ def _settings_error(exc: ValidationError) -> str:
     return "invalid settings:\n" + "\n".join(lines)
 
 
+class StartupError(ValueError):
+    """The processes or devices this run found cannot serve as configured."""
+
+
+def start_devices(settings: Any) -> None:
+    """Join the multi-host run (if any) and check the platform, before any mesh is built.
+
+    Raises:
+        StartupError: several processes (multi-host serving does not exist yet), or
+            `--accelerator tpu|gpu` while JAX runs on another platform.
+    """
+    import jax
+
+    from lwm_serve.model.mesh import maybe_initialize_distributed
+
+    maybe_initialize_distributed(coordinator_address=settings.coordinator,
+                                 num_processes=settings.num_processes,
+                                 process_id=settings.process_id, force=settings.distributed)
+    _check_accelerator(settings.accelerator, jax.default_backend())
+    if jax.process_count() > 1:
+        # Without followers, process 0 would take requests whose jitted steps wait
+        # forever for the other hosts: every process refuses instead.
+        raise StartupError(
+            f"multi-host serving is not implemented yet: this is process {jax.process_index()} of "
+            f"{jax.process_count()} ({jax.device_count()} devices in all). Serve from one host "
+            "(one process over its local devices), with a --max-model-len that "
+            "`lwm-serve plan` says fits its chips")
+
+
+def _check_accelerator(wanted: str, backend: str) -> None:
+    import importlib.util
+
+    if wanted in ("gpu", "tpu") and backend != wanted:
+        raise StartupError(
+            f"--accelerator {wanted} was asked for, but JAX runs on {backend!r}: the {wanted} is not "
+            "visible (TPU VM: run the container with --privileged --net=host; GPU: --gpus all / a "
+            "device reservation) or the image lacks jax's plugin (JAX_EXTRA). Pass --accelerator "
+            f"auto (env {_env('accelerator')}) to run on {backend} anyway")
+    if wanted == "cpu" and backend != "cpu":
+        raise StartupError(f"--accelerator cpu was asked for, but JAX runs on {backend!r} "
+                           "(set JAX_PLATFORMS=cpu)")
+    plugins = [m for m in ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin")
+               if importlib.util.find_spec(m) is not None]
+    if wanted == "auto" and backend == "cpu" and plugins:
+        logger.warning("!!! JAX FELL BACK TO CPU although %s is installed: the accelerator is not "
+                       "visible to this process; a 7B model on CPU is unusably slow. Pass "
+                       "--accelerator tpu|gpu to refuse to start in this case !!!", ", ".join(plugins))
+
+
+def _env(field: str) -> str:
+    from lwm_serve.server.config import ENV_PREFIX
+
+    return ENV_PREFIX + field.upper()
+
+
 def _load(settings: Any) -> Any:
     from lwm_serve.server.app import load_runtime_for
 
@@ -147,6 +210,7 @@ def serve(settings: Any) -> int:
 
     from lwm_serve.server.app import build_app
 
+    start_devices(settings)
     runtime = _load(settings)  # before binding the port: a bad model fails fast, clearly
     app = build_app(settings, runtime)
     logger.info("listening on http://%s:%d (auth %s)", settings.host, settings.port,
@@ -179,6 +243,7 @@ def generate(settings: Any, args: argparse.Namespace) -> int:
     from lwm_serve.server.schemas.completions import CompletionRequest
     from lwm_serve.server.services import build_services
 
+    start_devices(settings)
     services = build_services(settings, _load(settings))
     services.engine.start()
     knobs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -83,6 +83,20 @@ class ServerSettings(BaseSettings):
     load_format: Literal["auto", "dummy"] = Field("auto", description=(
         "'auto': read the weights of --model; 'dummy': random weights of the --model-config preset "
         "(benchmarks and capacity tests; vLLM's name), served with the demo tokenizer"))
+    # --- accelerator and multi-host (JAX multi-controller)
+    accelerator: Literal["auto", "cpu", "gpu", "tpu"] = Field("auto", description=(
+        "platform JAX must run on; 'tpu'/'gpu' refuse to start when JAX fell back to CPU (a "
+        "container started without --privileged or its GPUs); 'auto': whatever JAX finds, with "
+        "a loud warning when an accelerator plugin is installed but JAX runs on CPU"))
+    coordinator: str | None = Field(None, description=(
+        "HOST:PORT of process 0's jax.distributed coordinator (multi-host; with --num-processes "
+        "and --process-id). Absent: detected from the JAX/TPU/SLURM environment"))
+    num_processes: int | None = Field(None, ge=1, description="processes (hosts) in the multi-host run")
+    process_id: int | None = Field(None, ge=0, description="this process's index, 0 .. num_processes-1")
+    distributed: bool | None = Field(None, description=(
+        "initialise jax.distributed: true always (a TPU VM pod slice, where JAX reads the "
+        "topology from the TPU metadata), false never; unset: when --coordinator or the "
+        "environment asks for it"))
     # --- HTTP
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="bind port (0: any free port)")
@@ -169,7 +183,26 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"tokenizer {self.tokenizer!r} does not exist")
         if self.vqgan is not None and not Path(self.vqgan).is_file():
             raise ValueError(f"VQGAN params {self.vqgan!r} do not exist")
+        self._check_distributed()
         return self
+
+    def _check_distributed(self) -> None:
+        given = {"--coordinator": self.coordinator, "--num-processes": self.num_processes,
+                 "--process-id": self.process_id}
+        if any(v is not None for v in given.values()):
+            missing = [flag for flag, v in given.items() if v is None]
+            if missing:
+                raise ValueError(f"multi-host flags go together: also pass {', '.join(missing)} "
+                                 "(or none of them, to detect them from the environment)")
+            if self.distributed is False:
+                raise ValueError("--coordinator contradicts --no-distributed")
+            host, _, port = str(self.coordinator).rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"--coordinator {self.coordinator!r} is not HOST:PORT")
+            assert self.process_id is not None and self.num_processes is not None
+            if self.process_id >= self.num_processes:
+                raise ValueError(f"--process-id {self.process_id} must be below --num-processes "
+                                 f"{self.num_processes}")
 
     @field_validator("media_url_allowlist")
     @classmethod
