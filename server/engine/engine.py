@@ -339,7 +339,12 @@ class Engine:
                     self.step_hook()
                     self._drop_stopped()
                 if self._prefilling is not None:
-                    self._prefill_chunk()
+                    live = self._prefilling
+                    try:
+                        self._prefill_chunk()
+                    except Exception as exc:  # this request's prompt or settings: it alone fails
+                        logger.exception("[%s] prefill failed", live.request.request_id)
+                        self._finish(live, exc)
                 if self._decoding:
                     self._decode()
             except Exception as exc:  # a bug or a device failure: fail what runs, keep serving
