@@ -48,7 +48,8 @@ def load_runtime_for(settings: ServerSettings, *, progress: bool = True) -> Runt
 
 
 async def warm_up(services: Services) -> None:
-    """One tiny greedy chat request through the whole stack (compiles prefill/decode)."""
+    """One tiny greedy chat request through the whole stack (compiles a prefill; it
+    waits behind the engine's precompile of every decode shape)."""
     req = ChatCompletionRequest(messages=[ChatMessage(role="user", content="Hi")], max_tokens=2, temperature=0)
     await services.chat.create(req)
 
@@ -68,7 +69,7 @@ def build_app(settings: ServerSettings, runtime: RuntimeLike | None = None) -> F
             logger.info("loading model %s", settings.model)
             rt = await asyncio.to_thread(load_runtime_for, settings)
         services = build_services(settings, rt, observer=app.state.metrics)
-        services.engine.start()
+        services.engine.start(precompile=settings.warmup)
         app.state.services = services
         warm = asyncio.create_task(_warm_then_ready(app, services, settings.warmup))
         logger.info("serving %r", services.model_name)
