@@ -49,6 +49,7 @@ _SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--max-batch", "max_batch", {"type": int}),
     ("--default-max-tokens", "default_max_tokens", {"type": int}),
     ("--warmup", "warmup", {"action": argparse.BooleanOptionalAction}),
+    ("--playground", "playground", {"action": argparse.BooleanOptionalAction}),
 ]
 
 

@@ -73,7 +73,7 @@ class StepHookGenerator:
             yield step
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # stateless factory: module-scoped servers may use it too
 def hooked_runtime(fixture_runtime: Runtime) -> Callable[[Callable[[], None]], Runtime]:
     """hooked_runtime(before_step): the fixture runtime with a StepHookGenerator."""
     import dataclasses
