@@ -3,7 +3,8 @@ uvicorn on 127.0.0.1, the fixture model with its VQGAN, an API key required.
 
 Each test watches the browser console (no error allowed unless the test provokes a
 failing request on purpose) and saves screenshots of each state under its tmp dir
-(also under $LWM_PLAYGROUND_SCREENSHOTS when set: that is how docs/ is refreshed).
+(the README's pictures also under $LWM_PLAYGROUND_SCREENSHOTS when set: that is how
+docs/ is refreshed).
 """
 
 from __future__ import annotations
@@ -73,13 +74,15 @@ class Session:
     errors: list[str] = field(default_factory=list)
     allowed: list[str] = field(default_factory=list)  # regexes of console errors a test provokes
 
-    def shot(self, name: str) -> Path:
+    def shot(self, name: str, docs: str | None = None) -> Path:
+        """Screenshot to the tmp dir; `docs`: also the README's picture of that name when
+        $LWM_PLAYGROUND_SCREENSHOTS names a folder (docs/)."""
         path = self.shots / f"{name}.png"
         self.page.screenshot(path=str(path))
         export = os.environ.get("LWM_PLAYGROUND_SCREENSHOTS")
-        if export:
+        if export and docs:
             Path(export).mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, Path(export) / path.name)
+            shutil.copy(path, Path(export) / f"{docs}.png")
         return path
 
     def unexpected_errors(self) -> list[str]:
@@ -223,7 +226,7 @@ def test_server_errors_are_shown_as_their_message(server, open_page, auth_header
         "model": server.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5000})
     assert direct.status_code == 400
     assert direct.json()["error"]["message"] in answer.locator(".error").inner_text()
-    s.shot("error")
+    s.shot("error", docs="playground-error")
 
 
 # ---------------------------------------------------------------------------- video and images
@@ -320,7 +323,7 @@ def test_video_upload_plan_frames_progress_answer_and_follow_up(server, open_pag
     second = _answer(page, 1)
     expect(second).to_have_attribute("data-state", "done")
     assert any("from the cache" in b for b in second.locator(".progress").all_inner_texts())
-    s.shot("video-follow-up")
+    s.shot("video-follow-up", docs="playground-video")
 
 
 def test_image_upload_plan_and_answer(server, open_page, tmp_path):
@@ -361,14 +364,14 @@ def test_phone_width_has_no_sideways_scroll_and_settings_open_from_the_header(se
     page.click("#settings-toggle")
     expect(page.locator("#settings")).to_be_visible()
     s.shot("phone-settings")
-    _set(page, max_tokens=8, max_frames=2)
+    _set(page, max_tokens=8, max_frames=3)  # the video test's sampling: codes from the cache
     page.click("#settings-toggle")
     page.set_input_files("#file-input", str(clip))
     expect(page.locator("#attachment .strip")).to_have_attribute("data-drawn", "true")
     _send(page, "Where does the ball go?")
     expect(_answer(page, 0)).to_have_attribute("data-state", "done")
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
-    s.shot("phone")
+    s.shot("phone", docs="playground-phone")
 
 
 def _partial_png(rows_done: int) -> str:
@@ -407,7 +410,38 @@ def _stand_in_image_route() -> APIRouter:
     return router
 
 
-def test_without_a_key_and_with_generation_offered_the_page_draws(make_server, fixture_runtime, open_page):
+def _stand_in_video_routes(mp4: bytes) -> APIRouter:
+    """A stand-in for the OpenAI video job protocol (not in the server yet): a job that
+    progresses 0 -> 50 -> 100 over two polls, then serves `mp4` as its content."""
+    router = APIRouter()
+    polls: dict[str, int] = {}
+
+    def job(video_id: str) -> dict:
+        progress = min(polls[video_id] * 50, 100)
+        status = "completed" if progress == 100 else ("queued" if progress == 0 else "in_progress")
+        return {"id": video_id, "object": "video", "status": status, "progress": progress, "seconds": "4",
+                "size": "256x256", "model": "lwm", "created_at": 0}
+
+    @router.post("/v1/videos")
+    async def create(body: dict) -> dict:
+        polls["video_1"] = 0
+        return job("video_1")
+
+    @router.get("/v1/videos/{video_id}")
+    async def retrieve(video_id: str) -> dict:
+        polls[video_id] += 1
+        return job(video_id)
+
+    @router.get("/v1/videos/{video_id}/content")
+    async def content(video_id: str) -> Any:
+        from fastapi.responses import Response
+
+        return Response(mp4, media_type="video/mp4")
+
+    return router
+
+
+def test_without_a_key_and_with_generation_offered_the_page_draws(make_server, fixture_runtime, open_page, clip):
     srv = make_server(fixture_runtime, api_keys=[])
     srv.app.include_router(_stand_in_image_route())  # before the page reads /openapi.json
     s = open_page(srv.base_url, key=None)  # no key asked
@@ -428,6 +462,19 @@ def test_without_a_key_and_with_generation_offered_the_page_draws(make_server, f
     assert page.evaluate("window.__srcs.size") == 4  # three partial images, then the final one
     assert page.evaluate("document.querySelector('.generated img').naturalWidth") == 256
     s.shot("generate-image")
+    # The server gains video generation: the same page, reloaded, offers it.
+    srv.app.include_router(_stand_in_video_routes(clip.read_bytes()))
+    srv.app.openapi_schema = None
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    page.check("input[value=video]")
+    _send(page, "a ball rolling")
+    card = page.locator(".msg.gen-video")
+    expect(card.locator(".progress")).to_contain_text("50%")
+    expect(card).to_have_attribute("data-state", "done")
+    page.wait_for_function("document.querySelector('.generated video').videoWidth > 0")
+    assert page.evaluate("document.querySelector('.generated video').videoWidth") == CLIP_SIZE[0]
+    s.shot("generate-video")
 
 
 def test_generation_controls_stay_hidden_when_the_server_has_none(server, open_page):
