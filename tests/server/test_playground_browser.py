@@ -213,10 +213,10 @@ def test_stop_aborts_the_request_on_the_server(server, open_page):
     s.shot("stopped")
 
 
-def test_server_errors_are_shown_as_their_message(server, open_page, auth_headers):
+def test_server_errors_are_shown_as_their_message(server, open_page, auth_headers, tmp_path):
     PACE["s"] = 0.0
     s = open_page(server.base_url)
-    s.allowed.append(r"status of 400")  # the browser logs the failed request itself
+    s.allowed.append(r"status of 4\d\d")  # the browser logs the failed requests themselves
     page = s.page
     _set(page, max_tokens=5000)  # beyond the context
     _send(page, "Hi")
@@ -226,7 +226,24 @@ def test_server_errors_are_shown_as_their_message(server, open_page, auth_header
         "model": server.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5000})
     assert direct.status_code == 400
     assert direct.json()["error"]["message"] in answer.locator(".error").inner_text()
+    # A file that is no video: uploaded, then the plan's error is shown on its card.
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"not really a video " * 64)
+    page.set_input_files("#file-input", str(broken))
+    card = page.locator("#attachment .media-card")
+    expect(card.locator(".error")).to_be_visible()
+    file_id = card.locator(".progress.done").inner_text().split("· ")[-1]
+    direct = httpx.post(f"{server.base_url}/v1/video/plan", headers=auth_headers, json={"file_id": file_id})
+    assert direct.status_code in (400, 415)
+    assert direct.json()["error"]["message"] in card.locator(".error").inner_text()
     s.shot("error", docs="playground-error")
+    # Removing the attachment deletes the upload it made (it was never asked about).
+    card.locator("button.remove").click()
+    expect(page.locator("#attachment")).to_be_hidden()
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{server.base_url}/v1/files/{file_id}", headers=auth_headers).status_code != 404:
+        assert time.monotonic() < deadline, "the removed upload is still stored"
+        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------- video and images

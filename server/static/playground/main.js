@@ -110,7 +110,7 @@ function attach(file) {
 }
 
 function dropAttachment() {
-  if (attachment) attachment.discard();
+  if (attachment) attachment.discard({ forget: true });
   attachment = null;
   $('attachment').replaceChildren();
   $('attachment').hidden = true;

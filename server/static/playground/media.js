@@ -166,10 +166,17 @@ export class Attachment {
     return { type, [type]: { url: this.fileId, ...opts } };
   }
 
-  /** Stops a running upload or plan and forgets the local preview. */
-  discard() {
+  /**
+   * Stops a running upload or plan and forgets the local preview. `forget`: also deletes
+   * the uploaded file (an attachment removed before it was asked about was only for this).
+   */
+  discard({ forget = false } = {}) {
     this.controller.abort();
     URL.revokeObjectURL(this.url);
+    if (forget && this.fileId !== null) {
+      this.api.json(`v1/files/${encodeURIComponent(this.fileId)}`, { method: 'DELETE' })
+        .catch(() => {}); // already gone, or the server is away: nothing to show
+    }
   }
 }
 
