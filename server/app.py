@@ -21,6 +21,7 @@ from lwm_serve.server.config import ServerSettings
 from lwm_serve.server.errors import install_error_handlers
 from lwm_serve.server.metrics import MetricsMiddleware, ServerMetrics
 from lwm_serve.server.routes import chat, completions, files, health, models, video
+from lwm_serve.server.routes.playground import install_playground
 from lwm_serve.server.schemas.chat import ChatCompletionRequest, ChatMessage
 from lwm_serve.server.services import RuntimeLike, Services, build_services
 
@@ -91,6 +92,8 @@ def build_app(settings: ServerSettings, runtime: RuntimeLike | None = None) -> F
     for router in (health.router, models.router, chat.router, completions.router, files.router,
                    video.router):
         app.include_router(router)
+    if settings.playground:
+        install_playground(app)
     app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                        allow_headers=["*"])
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

@@ -51,7 +51,7 @@ def vision_runtime(fixture_runtime: Runtime, reference_dir: Path) -> Runtime:
     return dataclasses.replace(fixture_runtime, vqgan=load_vqgan(reference_dir / "vqgan" / "vqgan_params.pkl"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # stateless factory: module-scoped servers may use it too
 def hooked_runtime(fixture_runtime: Runtime) -> Callable[[Callable[[], None]], Runtime]:
     """hooked_runtime(before_step): the fixture runtime whose engine calls `before_step()`
     before each engine step: a gate makes "the worker is busy" a fact of the test, a
