@@ -244,6 +244,14 @@ def _unflatten(items: dict[tuple[str, ...], Any]) -> dict:
     return tree
 
 
+def _flatten(tree: dict, prefix: tuple[str, ...] = ()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, (*prefix, key))
+        else:
+            yield (*prefix, key), value
+
+
 def _per_layer_weights(cfg: dict, rng: np.random.Generator) -> dict[tuple[str, ...], np.ndarray]:
     h, m, std = cfg["hidden_size"], cfg["intermediate_size"], cfg["initializer_range"]
     dims = {"h": h, "m": m}
@@ -331,8 +339,10 @@ def generate_reference_set(root: Path, seed: int = 20251130) -> Path:
     manifest: dict[str, Any] = {"primary_scan_layers": cfg["scan_layers"],
                                 "param_scan_axis": cfg["param_scan_axis"], "files": {}}
     for name, (items, scan, float_dtype) in files.items():
-        save_params(model / name, _unflatten(items))
-        manifest["files"][name] = _manifest_entry(model / name, items, scan, float_dtype)
+        tree = _unflatten(items)
+        save_params(model / name, tree)
+        manifest["files"][name] = _manifest_entry(model / name, dict(_flatten(tree)), scan,
+                                                  float_dtype)
     (model / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
     # The chunked-record demo: three arrays of the primary file, one cast to bf16.

@@ -1,9 +1,15 @@
-"""Checkpoint I/O: the reference's params:: files, HF LLaMA safetensors, pickles."""
+"""Checkpoint I/O: the reference's params:: files, HF LLaMA safetensors, pickles.
+
+The params:: tests run on every reference set (tests/model/conftest.py) and check
+our reader and writer against flax.serialization, the library that defines the
+record format (a test-only dependency).
+"""
 
 import json
 import logging
 import os
 import pickle
+import re
 import subprocess
 from pathlib import Path
 
@@ -15,48 +21,34 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lwm_serve.model import checkpoint as ck
+from lwm_serve.model import params as params_lib
 from lwm_serve.model import params_file, params_writer
-from lwm_serve.model.config import ModelConfig, from_reference_json
+from lwm_serve.model.config import ModelConfig
 from lwm_serve.model.unpickle import load_pickle_params, loads_pickle_params
 
 
 # ----------------------------------------------------------------------------- helpers
+# Every fixture test takes `reference_set` (tests/model/conftest.py): the public set and
+# a generated one of other sizes and layouts. Facts come from each set's config.json and
+# manifest.json (each file's own layout and dtype), never from the public set's values.
 
 
-@pytest.fixture(scope="module")
-def model_dir(reference_dir: Path) -> Path:
-    return reference_dir / "model"
+def _layout_of(keys) -> bool | None:
+    """True scanned, False per-layer, from record keys alone (None: no layer records)."""
+    layer_keys = [k for k in keys if tuple(k[:2]) == ("transformer", "h")]
+    if not layer_keys:
+        return None
+    return all(k[2] == ck.SCAN_KEY for k in layer_keys)
 
 
-@pytest.fixture(scope="module")
-def manifest(model_dir: Path) -> dict:
-    return json.loads((model_dir / "manifest.json").read_text())
+def _all_param_files(rs) -> list[str]:
+    return list(rs.files) + ([rs.demo_file] if rs.demo_file else [])
 
 
-@pytest.fixture(scope="module")
-def demo(model_dir: Path) -> dict:
-    return json.loads((model_dir / "params_chunked_demo.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def cfg(model_dir: Path) -> ModelConfig:
-    return from_reference_json(model_dir / "config.json")
-
-
-@pytest.fixture(scope="module")
-def scan_arrays(model_dir: Path, manifest: dict) -> dict:
-    name = next(n for n, f in manifest["files"].items()
-                if f["scan_layers"] and f["float_dtype"] == "fp32")
-    return {"/".join(k): v for k, v in ck.iter_params_file(model_dir / name)}
-
-
-# Parametrize ids need the names at collection time, before fixtures exist.
-_MANIFEST = Path(__file__).parents[1] / "fixtures" / "lwm_reference" / "model" / "manifest.json"
-FIXTURE_NAMES = list(json.loads(_MANIFEST.read_text())["files"])
-
-
-def _file_cfg(cfg: ModelConfig, entry: dict) -> ModelConfig:
-    return cfg.replace(scan_layers=entry["scan_layers"])
+def _raw_records(path: Path) -> list[tuple[tuple[str, ...], bytes]]:
+    """(key, value bytes) per record, split by msgpack's own Unpacker (independent of ours)."""
+    with open(path, "rb") as f:
+        return [(tuple(k), v) for k, v in msgpack.Unpacker(f, max_buffer_size=2**31 - 1)]
 
 
 def _record_bounds(path: Path) -> list[int]:
@@ -69,18 +61,17 @@ def _record_bounds(path: Path) -> list[int]:
     return bounds
 
 
-def _decode_with_msgpack(value: bytes) -> np.ndarray:
-    """flax from_bytes of one record value, re-implemented with msgpack (test oracle)."""
-    def hook(code: int, data: bytes) -> np.ndarray:
-        assert code == 1
-        shape, dtype, raw = msgpack.unpackb(data, raw=False)
-        return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape)
-    obj = msgpack.unpackb(value, ext_hook=hook, raw=False, strict_map_key=False)
-    if isinstance(obj, dict):
-        shape = [obj["shape"][str(i)] for i in range(len(obj["shape"]))]
-        chunks = [obj["chunks"][str(i)] for i in range(len(obj["chunks"]))]
-        return np.concatenate(chunks).reshape(shape)
-    return obj
+def _first_record_offsets(data: bytes) -> dict[str, int]:
+    """Byte offsets inside the first record, from the format (README §3), not a literal."""
+    unpacker = msgpack.Unpacker()
+    unpacker.feed(data[1:4096])
+    key = next(unpacker)
+    bin_at = 1 + len(msgpack.packb(key, use_bin_type=True))
+    bin_len_bytes = {0xC4: 1, 0xC5: 2, 0xC6: 4}[data[bin_at]]
+    ext_at = bin_at + 1 + bin_len_bytes
+    ext_type_at = ext_at + {0xC7: 2, 0xC8: 3, 0xC9: 5, 0xD4: 1, 0xD5: 1, 0xD6: 1, 0xD7: 1,
+                            0xD8: 1}[data[ext_at]]
+    return {"bin_len_at": bin_at + 1, "ext_type_at": ext_type_at}
 
 
 def _small_tree(rng: np.random.Generator) -> dict:
@@ -93,77 +84,136 @@ def _small_tree(rng: np.random.Generator) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- the sets
+
+
+def test_reference_set_is_complete(reference_set):
+    """What every other test here relies on: guarded, so a missing file fails."""
+    rs = reference_set
+    layouts = {(f["scan_layers"], f["float_dtype"]) for f in rs.files.values()}
+    assert {(True, "fp32"), (False, "fp32")} <= layouts
+    assert rs.files[rs.bf16_file]["scan_layers"] == rs.manifest["primary_scan_layers"]
+    assert rs.demo is not None and rs.path(rs.demo_file).is_file()
+    for name in rs.files:
+        assert rs.path(name).is_file(), name
+    cases = rs.case_dirs()  # raises on a case without data.npz
+    assert len(rs.forward_runs()) >= 2 and rs.generation_cases()
+    checked = {d for d, _ in rs.forward_runs()} | set(rs.generation_cases())
+    # every case with arrays is either checked by the model tests or is the VQGAN case
+    assert {d.name for d in cases if d not in checked} <= {"vqgan"}
+
+
+def test_case_without_data_fails_instead_of_vanishing(reference_set, tmp_path):
+    import shutil
+
+    copy = tmp_path / "set"
+    shutil.copytree(reference_set.root / "cases", copy / "cases")
+    shutil.copytree(reference_set.model_dir, copy / "model")
+    victim = next(iter(reference_set.generation_cases()))
+    (copy / "cases" / victim.name / "data.npz").unlink()
+    broken = type(reference_set)("broken", copy)
+    with pytest.raises(FileNotFoundError, match=victim.name):
+        broken.forward_runs()
+
+
 # ----------------------------------------------------------------------------- reading
 
 
-@pytest.mark.parametrize("name", FIXTURE_NAMES)
-def test_fixture_file_matches_manifest(model_dir, manifest, name):
-    entry = manifest["files"][name]
-    got = [("/".join(k), list(v.shape), v.dtype.name) for k, v in
-           ck.iter_params_file(model_dir / name)]
-    want = [(a["key"], a["shape"], a["dtype"]) for a in entry["arrays"]]
-    assert got == want
-    assert (model_dir / name).stat().st_size == entry["bytes"]
+def test_files_match_manifest(reference_set):
+    rs = reference_set
+    for name, entry in rs.files.items():
+        records = rs.arrays(name)
+        got = [("/".join(k), list(v.shape), v.dtype.name) for k, v in records.items()]
+        assert got == [(a["key"], a["shape"], a["dtype"]) for a in entry["arrays"]], name
+        assert len(records) == entry["n_arrays"]
+        assert rs.path(name).stat().st_size == entry["bytes"], name
+        assert _layout_of(records) == entry["scan_layers"], name
+        want_dtype = {"fp32": "float32", "bf16": "bfloat16"}[entry["float_dtype"]]
+        assert {v.dtype.name for v in records.values()} == {want_dtype}, name
 
 
-@pytest.mark.parametrize("name", FIXTURE_NAMES)
-def test_reader_agrees_with_msgpack_oracle(model_dir, name):
-    with open(model_dir / name, "rb") as f:
-        oracle = {tuple(k): _decode_with_msgpack(v) for k, v in msgpack.Unpacker(f)}
-    ours = dict(ck.iter_params_file(model_dir / name))
-    assert list(ours) == list(oracle)
-    for key, value in ours.items():
-        assert value.dtype == oracle[key].dtype
-        np.testing.assert_array_equal(value, oracle[key])
+def test_reader_agrees_with_flax(reference_set):
+    """flax.serialization (the library that defines the record values) decodes every
+    record of every file the same way as our reader."""
+    from flax import serialization
+
+    rs = reference_set
+    for name in _all_param_files(rs):
+        raw = _raw_records(rs.path(name))
+        ours = rs.arrays(name)
+        assert list(ours) == [k for k, _ in raw], name
+        for key, value in raw:
+            oracle = serialization.msgpack_restore(value)
+            assert isinstance(oracle, np.ndarray), (name, key)
+            assert ours[key].dtype == oracle.dtype and ours[key].shape == oracle.shape, (name, key)
+            np.testing.assert_array_equal(ours[key], oracle)
 
 
-def test_scan_and_noscan_hold_the_same_weights(model_dir, manifest, cfg):
-    files = manifest["files"]
-    scan = next(n for n, f in files.items() if f["scan_layers"] and f["float_dtype"] == "fp32")
-    noscan = next(n for n, f in files.items() if not f["scan_layers"])
-    a = dict(ck.iter_params_file(model_dir / scan))
-    b = dict(ck.iter_params_file(model_dir / noscan))
-    axis = manifest["param_scan_axis"]
-    for key, value in a.items():
+def test_files_are_what_flax_writes(reference_set, monkeypatch):
+    """Each file equals its records written with flax.serialization.to_bytes (with the
+    demo's chunk threshold for the chunked demo), and so does our writer's output."""
+    from flax import serialization
+
+    rs = reference_set
+    for name in _all_param_files(rs):
+        threshold = (rs.demo["max_chunk_size_bytes_used"] if name == rs.demo_file
+                     else params_file.MAX_CHUNK_SIZE)
+        monkeypatch.setattr(serialization, "MAX_CHUNK_SIZE", threshold)
+        want = b"".join(msgpack.packb([list(k), serialization.to_bytes(v)], use_bin_type=True)
+                        for k, v in rs.arrays(name).items())
+        assert rs.path(name).read_bytes() == want, name
+
+
+def test_layouts_hold_the_same_weights(reference_set):
+    rs = reference_set
+    cfg = rs.config()
+    scan, per_layer = rs.arrays(rs.fp32_file(True)), rs.arrays(rs.fp32_file(False))
+    axis = rs.manifest["param_scan_axis"]
+    for key, value in scan.items():
         if key[:3] == ("transformer", "h", ck.SCAN_KEY):
-            layers = [b[("transformer", "h", str(i), *key[3:])]
+            layers = [per_layer[("transformer", "h", str(i), *key[3:])]
                       for i in range(cfg.num_hidden_layers)]
             np.testing.assert_array_equal(value, np.stack(layers, axis=axis))
         else:
-            np.testing.assert_array_equal(value, b[key])
-    n_layer_keys = sum(k[2] == ck.SCAN_KEY for k in a if k[:2] == ("transformer", "h"))
-    assert len(b) == len(a) - n_layer_keys + n_layer_keys * cfg.num_hidden_layers
+            np.testing.assert_array_equal(value, per_layer[key])
+    n_layer_keys = sum(k[:3] == ("transformer", "h", ck.SCAN_KEY) for k in scan)
+    assert len(per_layer) == len(scan) - n_layer_keys + n_layer_keys * cfg.num_hidden_layers
 
 
-def test_bf16_file_is_scan_rounded_to_bf16(model_dir, manifest, cfg, scan_arrays):
-    name = next(n for n, f in manifest["files"].items() if f["float_dtype"] == "bf16")
-    params = ck.load_params(f"params::{model_dir / name}", _file_cfg(cfg, manifest["files"][name]),
-                            dtype="float32", progress=False)
+def test_bf16_file_is_its_layouts_fp32_rounded(reference_set):
+    rs = reference_set
+    name = rs.bf16_file
+    entry = rs.files[name]
+    source = rs.arrays(rs.fp32_file(entry["scan_layers"]))
+    params = ck.load_params(f"params::{rs.path(name)}", rs.file_config(name), dtype="float32",
+                            progress=False)
     flat = dict(ck.flatten_params(params))
-    assert len(flat) == len(scan_arrays)
+    assert set(flat) == set(source)
     for key, value in flat.items():
         assert value.dtype == np.float32
-        want = scan_arrays["/".join(key)].astype(ml_dtypes.bfloat16).astype(np.float32)
+        want = source[key].astype(ml_dtypes.bfloat16).astype(np.float32)
         np.testing.assert_array_equal(np.asarray(value), want)
 
 
-def test_bf16_file_loads_as_bf16_without_cast(model_dir, manifest):
-    name = next(n for n, f in manifest["files"].items() if f["float_dtype"] == "bf16")
-    params = ck.load_params(model_dir / name, progress=False)
+def test_bf16_file_loads_as_bf16_without_cast(reference_set):
+    params = ck.load_params(reference_set.path(reference_set.bf16_file), progress=False)
     assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {np.dtype(ml_dtypes.bfloat16)}
 
 
-def test_chunked_demo_reads_its_sources(model_dir, demo, scan_arrays):
-    got = dict(ck.iter_params_file(model_dir / "params_chunked_demo"))
-    assert ["/".join(k) for k in got] == [r["key"] for r in demo["records_in_file_order"]]
-    with open(model_dir / "params_chunked_demo", "rb") as f:
-        raw = {"/".join(k): msgpack.unpackb(v, raw=False, strict_map_key=False,
-                                           ext_hook=lambda c, d: None)
-               for k, v in msgpack.Unpacker(f)}
-    for record in demo["records_in_file_order"]:
+def test_chunked_demo_reads_its_sources(reference_set):
+    rs = reference_set
+    got = rs.arrays(rs.demo_file)
+    records = rs.demo["records_in_file_order"]
+    assert ["/".join(k) for k in got] == [r["key"] for r in records]
+    raw = {"/".join(k): msgpack.unpackb(v, raw=False, strict_map_key=False,
+                                        ext_hook=lambda c, d: None)
+           for k, v in _raw_records(rs.path(rs.demo_file))}
+    assert any(r["chunked"] for r in records) and not all(r["chunked"] for r in records)
+    for record in records:
         value = got[tuple(record["key"].split("/"))]
         assert list(value.shape) == record["shape"] and value.dtype.name == record["dtype"]
-        want = scan_arrays[record["key"]].astype(record["dtype"])
+        source = Path(record["source"].split()[0]).name  # "model/<file> (same key)..."
+        want = rs.arrays(source)[tuple(record["key"].split("/"))].astype(record["dtype"])
         np.testing.assert_array_equal(value, want)
         # the file really uses the chunked form where the json says so
         assert isinstance(raw[record["key"]], dict) == record["chunked"]
@@ -171,23 +221,46 @@ def test_chunked_demo_reads_its_sources(model_dir, demo, scan_arrays):
             assert len(raw[record["key"]]["chunks"]) == record["n_chunks"]
 
 
-def test_load_params_validates_and_returns_tree(model_dir, manifest, cfg):
-    for name, entry in manifest["files"].items():
-        params = ck.load_params(model_dir / name, _file_cfg(cfg, entry), progress=False)
-        flat = dict(ck.flatten_params(params))
-        assert {k: tuple(v.shape) for k, v in flat.items()} == \
-            ck.expected_param_shapes(_file_cfg(cfg, entry))
-        assert all(isinstance(v, jax.Array) for v in flat.values())
+def test_either_layout_loads_whatever_the_config_says(reference_set, caplog):
+    """A params file's own records say whether it is scanned; the loader follows them,
+    checks shapes against that layout, and logs which one it found."""
+    rs = reference_set
+    for name, entry in rs.files.items():
+        for cfg_scan in (True, False):
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="lwm_serve.model.checkpoint"):
+                params = ck.load_params(rs.path(name), rs.config(cfg_scan), progress=False)
+            flat = dict(ck.flatten_params(params))
+            assert {k: tuple(v.shape) for k, v in flat.items()} == \
+                ck.expected_param_shapes(rs.config(), scan_layers=entry["scan_layers"])
+            assert all(isinstance(v, jax.Array) for v in flat.values())
+            assert params_lib.is_scanned(params) == entry["scan_layers"]
+            layout = "scanned" if entry["scan_layers"] else "per-layer"
+            assert any(f"{layout} layer layout (config scan_layers={cfg_scan})" in r.getMessage()
+                       for r in caplog.records), (name, cfg_scan)
+            # and serving's conversion gives the per-layer tree either way
+            per_layer, compute_cfg = params_lib.unstack_layers(params, rs.config(cfg_scan))
+            assert not compute_cfg.scan_layers and not params_lib.is_scanned(per_layer)
 
 
-def test_iteration_is_streaming(model_dir, tmp_path):
-    src = model_dir / "params_chunked_demo"
+def test_a_file_mixing_layouts_is_refused(reference_set, tmp_path):
+    rs = reference_set
+    mixed = {**rs.arrays(rs.fp32_file(False)), **rs.arrays(rs.fp32_file(True))}
+    ck.save_params(tmp_path / "mixed", ck.unflatten_params(mixed))
+    with pytest.raises(ck.CheckpointError, match="unexpected parameter transformer/h/.*mixes "
+                                                 "layer layouts"):
+        ck.load_params(tmp_path / "mixed", rs.config(), progress=False)
+
+
+def test_iteration_is_streaming(reference_set, tmp_path):
+    rs = reference_set
+    src = rs.path(rs.demo_file)
     first_end = _record_bounds(src)[0]
     bad = tmp_path / "bad"
     bad.write_bytes(src.read_bytes()[:first_end] + b"\xc1" * 64)
     records = ck.iter_params_file(bad)
     key, _ = next(records)  # the first record is returned before the rest is read
-    assert key == ("lm_head", "kernel")
+    assert "/".join(key) == rs.demo["records_in_file_order"][0]["key"]
     with pytest.raises(ck.CheckpointError, match=r"record #1 .*byte %d" % first_end):
         next(records)
 
@@ -195,18 +268,20 @@ def test_iteration_is_streaming(model_dir, tmp_path):
 # ----------------------------------------------------------------------------- writing
 
 
-@pytest.mark.parametrize("name", FIXTURE_NAMES)
-def test_save_reproduces_fixture_bytes(model_dir, name, tmp_path):
-    tree = ck.unflatten_params(dict(ck.iter_params_file(model_dir / name)))
-    ck.save_params(tmp_path / "out", tree)
-    assert (tmp_path / "out").read_bytes() == (model_dir / name).read_bytes()
+def test_save_reproduces_every_file(reference_set, tmp_path):
+    rs = reference_set
+    for name in rs.files:
+        tree = ck.unflatten_params(dict(rs.arrays(name)))
+        ck.save_params(tmp_path / name, tree)
+        assert (tmp_path / name).read_bytes() == rs.path(name).read_bytes(), name
 
 
-def test_save_reproduces_chunked_demo_bytes(model_dir, demo, tmp_path):
-    tree = ck.unflatten_params(dict(ck.iter_params_file(model_dir / "params_chunked_demo")))
+def test_save_reproduces_chunked_demo_bytes(reference_set, tmp_path):
+    rs = reference_set
+    tree = ck.unflatten_params(dict(rs.arrays(rs.demo_file)))
     ck.save_params(f"params::{tmp_path / 'out'}", tree,
-                   chunk_threshold=demo["max_chunk_size_bytes_used"])
-    assert (tmp_path / "out").read_bytes() == (model_dir / "params_chunked_demo").read_bytes()
+                   chunk_threshold=rs.demo["max_chunk_size_bytes_used"])
+    assert (tmp_path / "out").read_bytes() == rs.path(rs.demo_file).read_bytes()
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 7, 8, 15, 16, 17, 255, 256, 65535, 65536])
@@ -216,11 +291,13 @@ def test_headers_match_msgpack(n):
 
 
 @pytest.mark.parametrize("threshold", [params_file.MAX_CHUNK_SIZE, 8])
-def test_round_trip_dtypes_and_chunking(tmp_path, threshold):
+def test_round_trip_dtypes_and_chunking(tmp_path, threshold, monkeypatch):
+    from flax import serialization
+
+    monkeypatch.setattr(serialization, "MAX_CHUNK_SIZE", threshold)
     tree = _small_tree(np.random.default_rng(0))
     ck.save_params(tmp_path / "p", tree, chunk_threshold=threshold)
-    with open(tmp_path / "p", "rb") as f:
-        oracle = {tuple(k): _decode_with_msgpack(v) for k, v in msgpack.Unpacker(f)}
+    oracle = {k: serialization.msgpack_restore(v) for k, v in _raw_records(tmp_path / "p")}
     back = dict(ck.iter_params_file(tmp_path / "p"))
     want = dict(ck.flatten_params(tree))
     assert list(back) == list(want) == list(oracle)
@@ -228,6 +305,9 @@ def test_round_trip_dtypes_and_chunking(tmp_path, threshold):
         for got in (back[key], oracle[key]):
             assert got.dtype == value.dtype and got.shape == value.shape
             np.testing.assert_array_equal(got, value)
+        # byte for byte what flax writes
+        assert _raw_records(tmp_path / "p")[list(want).index(key)][1] == \
+            serialization.to_bytes(value)
 
 
 def test_save_casts_floats_only(tmp_path):
@@ -254,36 +334,42 @@ def _cut_offsets(path: Path) -> dict[str, int]:
     }
 
 
-@pytest.mark.parametrize("name", ["params_scan", "params_chunked_demo"])
-def test_truncated_files_raise_clear_errors(model_dir, tmp_path, name):
-    src = model_dir / name
-    data = src.read_bytes()
-    for where, cut in _cut_offsets(src).items():
-        bad = tmp_path / f"cut{cut}"
-        bad.write_bytes(data[:cut])
-        with pytest.raises(ck.CheckpointError, match="truncated") as err:
-            list(ck.iter_params_file(bad))
-        msg = str(err.value)
-        assert f"ends at byte {cut}" in msg, where
-        assert "record #" in msg and str(bad) in msg, where
+def test_truncated_files_raise_clear_errors(reference_set, tmp_path):
+    rs = reference_set
+    for name in (rs.primary, rs.demo_file):
+        src = rs.path(name)
+        data = src.read_bytes()
+        for where, cut in _cut_offsets(src).items():
+            bad = tmp_path / f"{name}-cut{cut}"
+            bad.write_bytes(data[:cut])
+            with pytest.raises(ck.CheckpointError, match="truncated") as err:
+                list(ck.iter_params_file(bad))
+            msg = str(err.value)
+            assert f"ends at byte {cut}" in msg, (name, where)
+            assert "record #" in msg and str(bad) in msg, (name, where)
 
 
-def test_truncated_message_names_the_key(model_dir, tmp_path):
-    src = model_dir / "params_scan"
+def test_truncated_message_names_the_key(reference_set, tmp_path):
+    rs = reference_set
+    src = rs.path(rs.primary)
     bounds = _record_bounds(src)
+    # cut inside the second record's data (its data is at least its last 4 bytes)
     bad = tmp_path / "bad"
-    bad.write_bytes(src.read_bytes()[:bounds[1] - 100])
-    second_key = "/".join(list(ck.iter_params_file(src))[1][0])
+    bad.write_bytes(src.read_bytes()[:bounds[1] - 2])
+    second_key = rs.files[rs.primary]["arrays"][1]["key"]
     with pytest.raises(ck.CheckpointError, match=f"record #1 \\(key {second_key}\\)"):
         list(ck.iter_params_file(bad))
 
 
-def test_cut_at_record_boundary_is_missing_keys(model_dir, cfg, tmp_path):
-    src = model_dir / "params_scan"
-    bad = tmp_path / "bad"
-    bad.write_bytes(src.read_bytes()[:_record_bounds(src)[-2]])
-    with pytest.raises(ck.CheckpointError, match="missing 1 parameter.*vision_head/kernel"):
-        ck.load_params(bad, cfg, progress=False)
+def test_cut_at_record_boundary_is_missing_keys(reference_set, tmp_path):
+    rs = reference_set
+    for name, entry in rs.files.items():
+        src = rs.path(name)
+        bad = tmp_path / name
+        bad.write_bytes(src.read_bytes()[:_record_bounds(src)[-2]])
+        last = entry["arrays"][-1]["key"]
+        with pytest.raises(ck.CheckpointError, match=f"missing 1 parameter.*{last}"):
+            ck.load_params(bad, rs.config(), progress=False)
 
 
 def _flip(data: bytes, offset: int, value: int | None = None) -> bytes:
@@ -292,16 +378,19 @@ def _flip(data: bytes, offset: int, value: int | None = None) -> bytes:
     return bytes(b)
 
 
-def test_corrupt_structure_raises_checkpoint_error(model_dir, tmp_path):
-    data = (model_dir / "params_scan").read_bytes()
-    ext_type_at = data.index(b"\xc9") + 5  # the first record's ext type byte
-    dtype_at = data.index(b"float32")
+def test_corrupt_structure_raises_checkpoint_error(reference_set, tmp_path):
+    rs = reference_set
+    data = rs.path(rs.primary).read_bytes()
+    at = _first_record_offsets(data)
+    dtype_name = rs.files[rs.primary]["arrays"][0]["dtype"].encode()
+    dtype_at = data.index(dtype_name)
     cases = {
         "not a record": (_flip(data, 0), "should start"),
         "key not strings": (_flip(data, 2, 0x01), "key"),
-        "ext type": (_flip(data, ext_type_at, 0x07), "ext type 7"),
-        "dtype name": (data[:dtype_at] + b"floax32" + data[dtype_at + 7:], "unknown dtype 'floax32'"),
-        "value length": (_flip(data, 0x12, 0xFF), "truncated|declares"),
+        "ext type": (_flip(data, at["ext_type_at"], 0x07), "ext type 7"),
+        "dtype name": (data[:dtype_at] + b"x" * len(dtype_name) + data[dtype_at + len(dtype_name):],
+                       "unknown dtype 'x+'"),
+        "value length": (_flip(data, at["bin_len_at"], 0xFF), "truncated|declares"),
         "garbage": (np.random.default_rng(0).bytes(4096), "params|truncated|corrupt"),
     }
     for name, (bad, pattern) in cases.items():
@@ -311,7 +400,7 @@ def test_corrupt_structure_raises_checkpoint_error(model_dir, tmp_path):
             list(ck.iter_params_file(path))
 
 
-def test_random_byte_flips_only_raise_checkpoint_errors(tmp_path, cfg):
+def test_random_byte_flips_only_raise_checkpoint_errors(tmp_path):
     """Any corruption either loads (data bytes) or raises CheckpointError, nothing else."""
     ck.save_params(tmp_path / "p", _small_tree(np.random.default_rng(2)), chunk_threshold=16)
     data = (tmp_path / "p").read_bytes()
@@ -345,16 +434,41 @@ def test_unknown_dtype_and_length_mismatch(tmp_path):
         list(ck.iter_params_file(tmp_path / "b"))
 
 
-def test_wrong_shapes_vs_config_name_the_key(model_dir, cfg):
-    path = model_dir / "params_scan"
-    with pytest.raises(ck.CheckpointError, match=r"lm_head/kernel has shape \(64, 768\), "
-                                                 r"the config expects \(64, 700\)"):
-        ck.load_params(path, cfg.replace(vocab_size=700), progress=False)
-    with pytest.raises(ck.CheckpointError, match=r"scan_decoder/attention/wk/kernel has shape "
-                                                 r"\(2, 64, 64\), the config expects \(64, 2, 64\)"):
-        ck.load_params(path, cfg.replace(param_scan_axis=1), progress=False)
+def _expected_error(entry: dict, want: dict) -> str:
+    """What loading the file against the tree `want` must say: the first record (file
+    order) whose shape differs, else the first parameter the file lacks."""
+    have = {tuple(a["key"].split("/")): tuple(a["shape"]) for a in entry["arrays"]}
+    for key, shape in have.items():
+        if key in want and shape != want[key]:
+            return re.escape(f"{'/'.join(key)} has shape {shape}, the config expects {want[key]}")
+    missing = [k for k in want if k not in have]
+    assert missing, "nothing differs: the changed config would load"
+    return f"missing {len(missing)} parameter.*{re.escape('/'.join(missing[0]))}"
+
+
+def test_wrong_shapes_vs_config_name_the_key(reference_set):
+    rs = reference_set
+    cfg = rs.config()
+    changes = [dict(vocab_size=cfg.vocab_size + 7), dict(hidden_size=cfg.hidden_size * 2),
+               dict(intermediate_size=cfg.intermediate_size + 1),
+               dict(num_hidden_layers=cfg.num_hidden_layers + 1)]
+    for name, entry in rs.files.items():
+        for change in changes:
+            wrong = cfg.replace(**change)
+            message = _expected_error(
+                entry, ck.expected_param_shapes(wrong, scan_layers=entry["scan_layers"]))
+            with pytest.raises(ck.CheckpointError, match=message):
+                ck.load_params(rs.path(name), wrong, progress=False)
+    scanned = rs.fp32_file(True)
+    flipped = cfg.replace(param_scan_axis=1 - rs.manifest["param_scan_axis"])
+    if cfg.num_hidden_layers != cfg.hidden_size:  # otherwise the two axes look alike
+        message = _expected_error(rs.files[scanned],
+                                  ck.expected_param_shapes(flipped, scan_layers=True))
+        assert "missing" not in message
+        with pytest.raises(ck.CheckpointError, match=message):
+            ck.load_params(rs.path(scanned), flipped, progress=False)
     with pytest.raises(ck.CheckpointError, match="unexpected parameter vision_head/kernel"):
-        ck.load_params(path, cfg.replace(tie_vision_embeddings=True), progress=False)
+        ck.load_params(rs.path(rs.primary), cfg.replace(tie_vision_embeddings=True), progress=False)
 
 
 def test_specs_and_missing_files(tmp_path):
@@ -370,11 +484,14 @@ def test_specs_and_missing_files(tmp_path):
 # ----------------------------------------------------------------------------- shapes
 
 
-def test_expected_shapes_layouts(cfg):
+def test_expected_shapes_layouts(reference_set):
+    cfg = reference_set.config()
     h, layers = cfg.hidden_size, cfg.num_hidden_layers
-    scan0 = ck.expected_param_shapes(cfg)
-    scan1 = ck.expected_param_shapes(cfg.replace(param_scan_axis=1))
-    per_layer = ck.expected_param_shapes(cfg.replace(scan_layers=False))
+    scan0 = ck.expected_param_shapes(cfg.replace(param_scan_axis=0), scan_layers=True)
+    scan1 = ck.expected_param_shapes(cfg.replace(param_scan_axis=1), scan_layers=True)
+    per_layer = ck.expected_param_shapes(cfg, scan_layers=False)
+    assert ck.expected_param_shapes(cfg) == (scan0 if cfg.scan_layers and not cfg.param_scan_axis
+                                             else scan1 if cfg.scan_layers else per_layer)
     wq = ("transformer", "h", ck.SCAN_KEY, "attention", "wq", "kernel")
     assert scan0[wq] == (layers, h, h) and scan1[wq] == (h, layers, h)
     norm = ("transformer", "h", ck.SCAN_KEY, "ffn_norm", "kernel")
@@ -386,9 +503,14 @@ def test_expected_shapes_layouts(cfg):
     assert ("lm_head", "kernel") not in tied and ("vision_head", "kernel") not in tied
     text = ck.expected_param_shapes(cfg.replace(vision_vocab_size=0))
     assert not any(k[-2] in ("vte", "vision_head") for k in text)
-    gqa = ck.expected_param_shapes(cfg.replace(num_key_value_heads=2, scan_layers=False))
-    assert gqa[("transformer", "h", "0", "attention", "wk", "kernel")] == (h, 2 * cfg.head_dim)
+    kv = cfg.num_attention_heads // 2
+    gqa = ck.expected_param_shapes(cfg.replace(num_key_value_heads=kv), scan_layers=False)
+    assert gqa[("transformer", "h", "0", "attention", "wk", "kernel")] == (h, kv * cfg.head_dim)
     assert sum(int(np.prod(s)) for s in per_layer.values()) == cfg.num_params()
+    # the manifest's files are exactly the expected trees of their layouts
+    for name, entry in reference_set.files.items():
+        assert {tuple(a["key"].split("/")): tuple(a["shape"]) for a in entry["arrays"]} == \
+            ck.expected_param_shapes(cfg, scan_layers=entry["scan_layers"]), name
 
 
 # ----------------------------------------------------------------------------- placement
@@ -409,49 +531,57 @@ def _spec_for(path: tuple, shape: tuple, mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(*spec))
 
 
-def test_sharded_loading_callable(model_dir, cfg, mesh):
-    shapes = ck.expected_param_shapes(cfg)
-    calls = []
+def test_sharded_loading_callable(reference_set, mesh):
+    rs = reference_set
+    for name in (rs.fp32_file(True), rs.fp32_file(False)):
+        shapes = ck.expected_param_shapes(rs.config(), scan_layers=rs.files[name]["scan_layers"])
+        calls = []
 
-    def shardings(path):
-        calls.append(path)
-        return _spec_for(path, shapes[path], mesh)
+        def shardings(path):
+            calls.append(path)
+            return _spec_for(path, shapes[path], mesh)
 
-    params = ck.load_params(model_dir / "params_scan", cfg, dtype="bfloat16",
-                            shardings=shardings, progress=False)
-    ref = dict(ck.iter_params_file(model_dir / "params_scan"))
-    assert calls == list(ref)  # one placement per tensor, in file order
-    for path, value in ck.flatten_params(params):
-        assert value.sharding == _spec_for(path, shapes[path], mesh)
-        assert len(value.sharding.device_set) == 8
-        assert value.dtype == ml_dtypes.bfloat16
-        np.testing.assert_array_equal(np.asarray(value), ref[path].astype(ml_dtypes.bfloat16))
+        params = ck.load_params(rs.path(name), rs.config(), dtype="bfloat16",
+                                shardings=shardings, progress=False)
+        ref = rs.arrays(name)
+        assert calls == list(ref)  # one placement per tensor, in file order
+        for path, value in ck.flatten_params(params):
+            assert value.sharding == _spec_for(path, shapes[path], mesh)
+            assert len(value.sharding.device_set) == 8
+            assert value.dtype == ml_dtypes.bfloat16
+            np.testing.assert_array_equal(np.asarray(value), ref[path].astype(ml_dtypes.bfloat16))
 
 
-def test_sharded_loading_pytree(model_dir, demo, mesh):
+def test_sharded_loading_pytree(reference_set, mesh):
+    rs = reference_set
     tree = {}
-    for r in demo["records_in_file_order"]:
+    for r in rs.demo["records_in_file_order"]:
         node = tree
         *parents, leaf = r["key"].split("/")
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = _spec_for(tuple(r["key"].split("/")), tuple(r["shape"]), mesh)
-    params = ck.load_params(model_dir / "params_chunked_demo", shardings=tree, progress=False)
+    params = ck.load_params(rs.path(rs.demo_file), shardings=tree, progress=False)
     for path, value in ck.flatten_params(params):
         want = tree
         for p in path:
             want = want[p]
         assert value.sharding == want
-    del tree["lm_head"]
-    with pytest.raises(ck.CheckpointError, match="no sharding given for parameter lm_head"):
-        ck.load_params(model_dir / "params_chunked_demo", shardings=tree, progress=False)
+    first = rs.demo["records_in_file_order"][0]["key"].split("/")
+    node = tree
+    for p in first[:-1]:
+        node = node[p]
+    del node[first[-1]]
+    with pytest.raises(ck.CheckpointError, match=f"no sharding given for parameter {'/'.join(first)}"):
+        ck.load_params(rs.path(rs.demo_file), shardings=tree, progress=False)
 
 
-def test_progress_is_logged(model_dir, caplog):
+def test_progress_is_logged(reference_set, caplog):
+    rs = reference_set
     with caplog.at_level(logging.INFO, logger="lwm_serve.model.checkpoint"):
-        ck.load_params(model_dir / "params_chunked_demo", progress=True)
+        ck.load_params(rs.path(rs.demo_file), progress=True)
     lines = [r.getMessage() for r in caplog.records if "%" in r.getMessage()]
-    assert lines and lines[-1].startswith("loading params_chunked_demo: 100%")
+    assert lines and lines[-1].startswith(f"loading {rs.demo_file}: 100%")
 
 
 # ----------------------------------------------------------------------------- Hugging Face

@@ -75,10 +75,11 @@ def test_bf16_compute_deviation_is_bounded(reference_set):
         assert rel > 0, "bf16 path produced fp32-identical logits: it did not run in bf16"
 
 
-def test_prefill_then_decode_matches_full_forward(reference_set):
-    """Cached prefill + token-by-token decode == one full causal forward."""
-    cfg = reference_set.file_config(reference_set.primary)
-    params = reference_set.params(reference_set.primary)
+def test_prefill_then_decode_matches_full_forward(public_set):
+    """Cached prefill + token-by-token decode == one full causal forward (a model
+    self-consistency check: one set is enough)."""
+    cfg = public_set.file_config(public_set.primary)
+    params = public_set.params(public_set.primary)
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, cfg.vocab_size, size=(2, 24)).astype(np.int32)
     attn = np.ones_like(tokens)
