@@ -45,15 +45,38 @@ def get_reference_set(name: str):
     raise KeyError(name)
 
 
+def _set_of_root(root: Path):
+    for name in SET_NAMES:
+        rs = get_reference_set(name)
+        if rs.root == root:
+            return rs
+    raise KeyError(f"no reference set at {root}")
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "forward_case" in metafunc.fixturenames:
-        # (set, case dir, params file)
-        runs = [(s, d, f) for s in SET_NAMES for d, f in get_reference_set(s).forward_runs()]
+        # (case dir, params file, that file's layer layout); the set is the case's root
+        runs = []
+        for s in SET_NAMES:
+            rs = get_reference_set(s)
+            runs += [(d, f, rs.files[f]["scan_layers"]) for d, f in rs.forward_runs()]
         metafunc.parametrize("forward_case", runs,
-                             ids=[f"{s}-{d.name}-{f}" for s, d, f in runs])
+                             ids=[f"{d.parents[1].name}-{d.name}-{f}" for d, f, _ in runs])
     if "generation_case" in metafunc.fixturenames:
-        chosen = [(s, d) for s in SET_NAMES for d in get_reference_set(s).generation_cases()]
-        metafunc.parametrize("generation_case", chosen, ids=[f"{s}-{d.name}" for s, d in chosen])
+        chosen = [d for s in SET_NAMES for d in get_reference_set(s).generation_cases()]
+        metafunc.parametrize("generation_case", chosen,
+                             ids=[f"{d.parents[1].name}-{d.name}" for d in chosen])
+
+
+def _case_set(request: pytest.FixtureRequest):
+    """The set of the test's forward/generation case, else the public set."""
+    callspec = getattr(request.node, "callspec", None)
+    for name in ("forward_case", "generation_case"):
+        if callspec is not None and name in callspec.params:
+            value = callspec.params[name]
+            case_dir = value[0] if isinstance(value, tuple) else value
+            return _set_of_root(case_dir.parents[1])
+    return get_reference_set("public")
 
 
 @pytest.fixture(scope="session", params=SET_NAMES)
@@ -69,19 +92,20 @@ def public_set():
 
 
 @pytest.fixture
-def reference_params(public_set):
-    """`reference_params(name=None, dtype="float32")`: a public params file (default:
-    the primary fp32 one), cached."""
-    return public_set.params
+def reference_params(request):
+    """`reference_params(name=None, dtype="float32")`: a params file of the test case's
+    set (the public set outside case tests; default: the primary fp32 file), cached."""
+    return _case_set(request).params
 
 
 @pytest.fixture
-def reference_config(public_set):
-    """`reference_config(scan_layers=None)`: the public set's ModelConfig."""
-    return public_set.config
+def reference_config(request):
+    """`reference_config(scan_layers=None)`: the ModelConfig of the test case's set (the
+    public set outside case tests)."""
+    return _case_set(request).config
 
 
-@pytest.fixture(scope="session")
-def reference_set_named():
-    """`reference_set_named(name)`: a reference set by name (for parametrized cases)."""
-    return get_reference_set
+@pytest.fixture
+def reference_case_set(request):
+    """The ReferenceSet of the test's forward/generation case."""
+    return _case_set(request)

@@ -71,10 +71,9 @@ def _vision_case(gen: Generator, case: dict, d: dict) -> None:
     np.testing.assert_array_equal(np.asarray(frames).reshape(-1, 16, 16), d["video_codes"])
 
 
-def test_generation_matches_reference(generation_case, reference_set_named):
-    set_name, case_dir = generation_case
-    rs = reference_set_named(set_name)
-    case, d = rs.load_case(case_dir)
+def test_generation_matches_reference(generation_case, reference_case_set):
+    rs = reference_case_set
+    case, d = rs.load_case(generation_case)
     params_name = rs.case_checkpoint(case)
     gen = Generator(rs.params(params_name), rs.file_config(params_name))
     if "output_ids" in d:

@@ -46,10 +46,9 @@ def _compare(d: dict, out: transformer.Output, tol: float) -> dict[str, float]:
     return diffs
 
 
-def test_forward_matches_reference(forward_case, reference_set_named):
-    set_name, case_dir, params_name = forward_case
-    rs = reference_set_named(set_name)
-    d, out = _run(case_dir, rs.params(params_name), rs.file_config(params_name))
+def test_forward_matches_reference(forward_case, reference_params, reference_config):
+    case_dir, params_name, scan = forward_case
+    d, out = _run(case_dir, reference_params(params_name), reference_config(scan))
     diffs = _compare(d, out, FP32_TOL)
     assert max(diffs.values()) < FP32_TOL, diffs
 
