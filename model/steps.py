@@ -202,6 +202,7 @@ def sample_rows(keys: jax.Array, logits: jax.Array, knobs: sampling.SamplingArra
       keys: [R, 2] raw threefry keys (call under `jax.threefry_partitionable(False)`).
       logits: [R, V] ([2R, V] rows [cond..., uncond...] with `use_cfg`).
       counts: [R, V] generated-token counts when `features.penalties`, else None.
+      top_n: alternatives to return per row; -1 skips logprobs entirely (zeros come back).
     Returns:
       (tokens [R], the next keys [R, 2], chosen logprob [R], top logprobs [R, n], top ids [R, n]).
     """
@@ -219,5 +220,9 @@ def sample_rows(keys: jax.Array, logits: jax.Array, knobs: sampling.SamplingArra
         warped = sampling.warp(logits, knobs, features)
         sampled = jax.vmap(lambda k, row: sampling.gumbel_categorical(k, row[None])[0])(step_keys, warped)
         tokens = jnp.where(knobs.temperature == 0.0, greedy, sampled)
+    if top_n < 0:  # nobody asked for logprobs: a log-softmax and a top-k over the vocabulary saved
+        r = tokens.shape[0]
+        return (tokens, next_keys, jnp.zeros((r,), jnp.float32), jnp.zeros((r, 1), jnp.float32),
+                jnp.zeros((r, 1), jnp.int32))
     chosen, top_vals, top_ids = sampling.logprobs(logits, tokens, top_n)
     return tokens, next_keys, chosen, top_vals, top_ids
