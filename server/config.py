@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -60,6 +61,16 @@ def _split_keys(value: Any) -> Any:
     return value
 
 
+def _missing_vqgan(path: Path) -> str:
+    """Why `--vqgan PATH` is no VQGAN pickle, naming what is missing."""
+    if path.is_dir():
+        pickles = sorted(p.name for p in path.glob("*.pkl"))
+        found = f"it holds {', '.join(pickles)}" if pickles else "it holds no .pkl file"
+        return (f"--vqgan {os.fspath(path)!r} is a directory; pass the VQGAN params pickle itself "
+                f"(e.g. {os.fspath(path / 'vqgan_params.pkl')!r}); {found}")
+    return f"VQGAN params {os.fspath(path)!r} do not exist"
+
+
 class ServerSettings(BaseSettings):
     """Everything `lwm-serve` needs to start (see `lwm-serve serve --help`)."""
 
@@ -103,6 +114,9 @@ class ServerSettings(BaseSettings):
         "largest accepted upload / data URL / fetched media, in bytes (413 beyond)"))
     max_video_seconds: float | None = Field(4 * 3600.0, gt=0, description=(
         "longest accepted video in seconds (400 beyond); unset: no limit"))
+    max_media_pixels: int | None = Field(8192 * 8192, ge=1, description=(
+        "most pixels of an image or video frame (width x height, read from its header); larger "
+        "ones are refused (413) before anything is decoded; unset: no limit beyond Pillow's own"))
     vision_cache_bytes: int | None = Field(None, ge=1, description=(
         "size cap of the VQGAN code cache (least recently used entries evicted); unset: no cap"))
     media_url_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
@@ -156,7 +170,7 @@ class ServerSettings(BaseSettings):
         if self.tokenizer is not None and not Path(self.tokenizer).exists():
             raise ValueError(f"tokenizer {self.tokenizer!r} does not exist")
         if self.vqgan is not None and not Path(self.vqgan).is_file():
-            raise ValueError(f"VQGAN params {self.vqgan!r} do not exist")
+            raise ValueError(_missing_vqgan(Path(self.vqgan)))
         return self
 
     @field_validator("media_url_allowlist")

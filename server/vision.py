@@ -52,25 +52,6 @@ _EMIT_EVERY_S = 0.25  # progress events at most this often per stage (plus the l
 _IMAGE_SPEC = SamplingSpec()  # a still image is one frame whatever the part asked
 
 
-@dataclass(frozen=True)
-class SamplingOptions:
-    """Per-part sampling options (request extras). Without fps or max_frames: the
-    reference's 8 uniform frames; with fps alone: every fps-th second, no cap."""
-
-    fps: float | None = None
-    max_frames: int | None = None
-    start: float | None = None
-    end: float | None = None
-    auto_fps: bool | None = None
-
-    def spec(self) -> SamplingSpec:
-        """Raises ValueError for bad values (negative fps, end before start...)."""
-        max_frames = self.max_frames
-        if max_frames is None and self.fps is None:
-            max_frames = DEFAULT_MAX_FRAMES
-        return SamplingSpec(max_frames=max_frames, fps=self.fps, start=self.start, end=self.end)
-
-
 @dataclass
 class MediaRequest:
     """One image/video of a request, its bytes resolved."""
@@ -199,14 +180,15 @@ class VisionService:
         context_limit: the model's context (prompt + new tokens).
         max_video_seconds: longer videos are refused (None: no limit).
         auto_fps: server default for fitting videos to the context.
+        max_pixels: images / video frames of more pixels are refused before decoding (None: no limit).
     """
 
     def __init__(self, vqgan: Any, tokenizer: Any, cache: VisionCache, sources: SourceResolver, *,
                  layout: FrameLayout, context_limit: int, max_video_seconds: float | None = None,
-                 auto_fps: bool = False) -> None:
+                 auto_fps: bool = False, max_pixels: int | None = None) -> None:
         self.vqgan, self.cache, self.sources = vqgan, cache, sources
         self.layout, self.context_limit = layout, context_limit
-        self.max_video_seconds, self.auto_fps = max_video_seconds, auto_fps
+        self.max_video_seconds, self.auto_fps, self.max_pixels = max_video_seconds, auto_fps, max_pixels
         self.wrapper_tokens = len(tokenizer.encode(VISION_START_TEXT)) + len(tokenizer.encode(VISION_END_TEXT))
         self.stats = IngestStats()
         self._lock = threading.Lock()
@@ -273,14 +255,14 @@ class VisionService:
     def _plan_one(self, req: MediaRequest) -> PlannedMedia:
         src = req.source
         try:
-            if media_decode.is_image(src.data):
+            if media_decode.is_image(src.data, self.max_pixels):
                 key = cache_key(src.sha256, _IMAGE_SPEC, self.vqgan.identity)
                 return PlannedMedia(req, True, _IMAGE_SPEC, 1, key, hit=self.cache.get_entry(key))
             key = cache_key(src.sha256, req.spec, self.vqgan.identity)
             hit = self.cache.get_entry(key)
             if hit is not None:
                 return PlannedMedia(req, False, req.spec, len(hit[0]), key, hit=hit)
-            info = media_decode.probe_video(src.data, self.max_video_seconds)
+            info = media_decode.probe_video(src.data, self.max_video_seconds, max_pixels=self.max_pixels)
         except MediaError as exc:
             raise self._media_error(exc, req) from exc
         n = self._estimate(req.spec, info)
@@ -301,7 +283,8 @@ class VisionService:
         info = plan.info
         if info is None:  # planned from a cache hit: probe now
             try:
-                info = media_decode.probe_video(req.source.data, self.max_video_seconds)
+                info = media_decode.probe_video(req.source.data, self.max_video_seconds,
+                                                max_pixels=self.max_pixels)
             except MediaError as exc:
                 raise self._media_error(exc, req) from exc
         spec = fit_spec(req.spec, info, frames)
@@ -390,6 +373,7 @@ class VisionService:
         """`encode` as a stream: IngestEvents as they happen, then the result list last."""
         queue: asyncio.Queue[IngestEvent] = asyncio.Queue()
         task = asyncio.ensure_future(self.encode(plans, queue.put_nowait))
+        getter: asyncio.Future[IngestEvent] | None = None
         try:
             while True:
                 getter = asyncio.ensure_future(queue.get())
@@ -403,8 +387,11 @@ class VisionService:
                 yield task.result()
                 return
         finally:
-            if not task.done():
-                task.cancel()
+            # A cut stream closes us mid-wait: nothing we started may outlive us
+            # (a pending Queue.get would be "destroyed but pending" at shutdown).
+            for pending in (getter, task):
+                if pending is not None and not pending.done():
+                    pending.cancel()
 
     def _ingest(self, index: int, plan: PlannedMedia, emit: Callable[[IngestEvent], None]) -> EncodedMedia:
         """`vision_cache.encode_media` with progress events (on the ingest thread).
@@ -432,7 +419,7 @@ class VisionService:
 
         codes, timestamps = encode_media(src.data, plan.spec, self.vqgan, self.cache,
                                          max_duration_s=self.max_video_seconds, progress=on_progress,
-                                         content_sha256=src.sha256, label=src.label)
+                                         content_sha256=src.sha256, label=src.label, max_pixels=self.max_pixels)
         if not len(codes):
             raise InvalidRequestError(f"{src.label}: the sampling {_spec_text(plan.spec)} picks no frame",
                                       param=plan.request.param, code="no_frames")

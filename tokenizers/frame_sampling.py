@@ -26,6 +26,10 @@ import numpy as np
 
 TOKENS_PER_FRAME = 257  # 256 VQGAN codes + one delimiter (8192 / 8193)
 DEFAULT_MAX_FRAMES = 8  # the reference's max_n_frames default
+# Caps of a request's sampling options (they bound the arithmetic below; no video comes near):
+MAX_FPS = 1000.0  # above any real frame rate: asking more returns every frame once anyway
+MAX_FRAMES = 1_000_000  # ~250x what the longest (1M-token) context holds at 257 tokens a frame
+MAX_SECONDS = 10_000_000.0  # ~116 days: start/end beyond any accepted video's duration
 _EPS = 1e-6  # seconds: timestamps are pts * time_base floats
 
 

@@ -48,6 +48,7 @@ from lwm_serve.tokenizers.errors import (
     CorruptMediaError,
     EmptyMediaError,
     MediaError,
+    MediaTooLargeError,
     MediaTooLongError,
     NoVideoStreamError,
     UnsupportedMediaError,
@@ -192,13 +193,36 @@ def _sniff_container(head: bytes) -> str | None:
     return None
 
 
-def is_image(src: Source) -> bool:
-    """True if Pillow recognises `src` as a still-image format (header only)."""
+def check_pixels(name: str, width: int, height: int, max_pixels: int | None) -> None:
+    """Refuses a picture of more than `max_pixels` pixels (read from a header, before decoding).
+
+    Raises:
+        MediaTooLargeError: over the budget.
+    """
+    if max_pixels is not None and width * height > max_pixels:
+        raise MediaTooLargeError(f"{name}: {width}x{height} = {width * height} pixels per frame is more than "
+                                 f"this server's limit of {max_pixels} pixels (max_media_pixels)")
+
+
+def is_image(src: Source, max_pixels: int | None = None) -> bool:
+    """True if Pillow recognises `src` as a still-image format (header only).
+
+    Raises:
+        MediaTooLargeError: an image over `max_pixels`, or one Pillow itself calls a
+            decompression bomb: refused here, never handed to a decoder.
+    """
     _head(src)
     try:
         with _open_image(src) as img:
-            return img.format in _IMAGE_FORMATS
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+            if img.format not in _IMAGE_FORMATS:
+                return False
+            check_pixels(_name(src), img.width, img.height, max_pixels)
+            return True
+    except MediaError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise MediaTooLargeError(f"{_name(src)}: the image has too many pixels to decode ({e})") from e
+    except (UnidentifiedImageError, OSError, ValueError):
         return False
 
 
@@ -208,11 +232,12 @@ def _open_image(src: Source) -> Image.Image:
     return Image.open(src)
 
 
-def load_image(src: Source) -> np.ndarray:
+def load_image(src: Source, max_pixels: int | None = None) -> np.ndarray:
     """Decode a still image (first frame of an animation), EXIF orientation applied.
 
     Args:
         src: path or bytes of a PNG/JPEG/WebP/GIF/BMP/TIFF image.
+        max_pixels: refuse (MediaTooLargeError) an image with more pixels, before decoding.
 
     Returns:
         [H, W, 3] uint8 RGB (alpha dropped, as the reference's `convert('RGB')`).
@@ -222,13 +247,14 @@ def load_image(src: Source) -> np.ndarray:
         with _open_image(src) as img:
             if img.format not in _IMAGE_FORMATS:
                 raise UnsupportedMediaError(f"{_name(src)}: image format {img.format} is not supported")
+            check_pixels(_name(src), img.width, img.height, max_pixels)
             img.seek(0)
             upright = ImageOps.exif_transpose(img)
             return np.asarray(upright.convert("RGB"), dtype=np.uint8)
     except MediaError:
         raise
     except Image.DecompressionBombError as e:
-        raise UnsupportedMediaError(f"{_name(src)}: image is too large to decode ({e})") from e
+        raise MediaTooLargeError(f"{_name(src)}: the image has too many pixels to decode ({e})") from e
     except UnidentifiedImageError as e:
         raise UnsupportedMediaError(f"{_name(src)}: not a recognised image format") from e
     except (OSError, SyntaxError, ValueError) as e:
@@ -240,7 +266,8 @@ def load_image(src: Source) -> np.ndarray:
 
 
 @contextmanager
-def _open_video(src: Source) -> Iterator[tuple[av.container.InputContainer, av.video.stream.VideoStream]]:
+def _open_video(src: Source, max_pixels: int | None = None
+                ) -> Iterator[tuple[av.container.InputContainer, av.video.stream.VideoStream]]:
     head = _head(src)
     name = _name(src)
     target = io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, memoryview)) else os.fspath(src)
@@ -262,6 +289,8 @@ def _open_video(src: Source) -> Iterator[tuple[av.container.InputContainer, av.v
         if stream.codec_context is None or not stream.codec_context.name:
             raise UnsupportedMediaError(f"{name}: video codec {stream.codec_context and stream.codec_context.name!r} "
                                         "has no decoder in this build")
+        # The stream's coded size comes from its headers: a huge frame is refused before one is decoded.
+        check_pixels(name, stream.codec_context.width, stream.codec_context.height, max_pixels)
         stream.thread_type = "AUTO"  # frame + slice threads
         yield container, stream
     finally:
@@ -281,14 +310,15 @@ def _container_duration(container: av.container.InputContainer, stream: av.video
     return 0.0
 
 
-def probe_video(src: Source, max_duration_s: float | None = None) -> VideoInfo:
+def probe_video(src: Source, max_duration_s: float | None = None, *, max_pixels: int | None = None) -> VideoInfo:
     """Read container metadata (and decode one frame for the rotation).
 
     Raises:
-        MediaError subclasses for empty/corrupt/unsupported/audio-only/too long media.
+        MediaError subclasses for empty/corrupt/unsupported/audio-only/too long
+        media, or frames over `max_pixels` (checked before that frame is decoded).
     """
     name = _name(src)
-    with _open_video(src) as (container, stream):
+    with _open_video(src, max_pixels) as (container, stream):
         duration = _container_duration(container, stream)
         _check_duration(name, duration, max_duration_s)
         fps = float(stream.average_rate or stream.guessed_rate or 0)
@@ -369,10 +399,10 @@ def _check_complete(container, stream, timeline: Timeline, name: str) -> None:
         )
 
 
-def frame_timeline(src: Source, max_duration_s: float | None = None) -> Timeline:
+def frame_timeline(src: Source, max_duration_s: float | None = None, *, max_pixels: int | None = None) -> Timeline:
     """The video's frame timeline from a packet scan (no pixel decoding)."""
     name = _name(src)
-    with _open_video(src) as (container, stream):
+    with _open_video(src, max_pixels) as (container, stream):
         _check_duration(name, _container_duration(container, stream), max_duration_s)
         return _scan_timeline(container, stream, name)
 
@@ -388,6 +418,8 @@ def iter_video_frames(
     strategy: Strategy = "auto",
     max_duration_s: float | None = None,
     progress: Progress | None = None,
+    *,
+    max_pixels: int | None = None,
 ) -> Frames:
     """Stream the frames a sampling spec picks, one at a time, in time order.
 
@@ -401,6 +433,8 @@ def iter_video_frames(
         sampling: which frames (default: the reference's 8 uniform frames).
         strategy: "full", "seek", "keyframe" or "auto" (see the module doc).
         max_duration_s: reject longer videos with MediaTooLongError.
+        max_pixels: reject frames of more pixels with MediaTooLargeError (from the
+            stream's headers, before any frame is decoded).
         progress: called as progress(kept, wanted) after each kept frame (job
             progress, log lines); never called inside the decoder's threads.
             An exception it raises stops decoding and propagates (cancellation).
@@ -415,7 +449,7 @@ def iter_video_frames(
     """
     if strategy != "auto" and strategy not in STRATEGIES:
         raise ValueError(f"unknown decode strategy {strategy!r}; use auto or one of {STRATEGIES}")
-    return _iter_video(src, sampling or SamplingSpec(), strategy, max_duration_s, progress)
+    return _iter_video(src, sampling or SamplingSpec(), strategy, max_duration_s, progress, max_pixels)
 
 
 def decode_video(
@@ -424,6 +458,8 @@ def decode_video(
     strategy: Strategy = "auto",
     max_duration_s: float | None = None,
     progress: Progress | None = None,
+    *,
+    max_pixels: int | None = None,
 ) -> list[tuple[float, np.ndarray]]:
     """`iter_video_frames` as a list: every sampled frame in memory at once.
 
@@ -433,7 +469,7 @@ def decode_video(
     Returns:
         [(timestamp_s, frame [H, W, 3] uint8 RGB, upright)] in time order.
     """
-    return list(iter_video_frames(src, sampling, strategy, max_duration_s, progress))
+    return list(iter_video_frames(src, sampling, strategy, max_duration_s, progress, max_pixels=max_pixels))
 
 
 # Wanted frames decoded ahead of one still missing, beyond which that one is
@@ -443,9 +479,9 @@ _MAX_PENDING = 32
 
 
 def _iter_video(src: Source, sampling: SamplingSpec, strategy: str, max_duration_s: float | None,
-                progress: Progress | None) -> Frames:
+                progress: Progress | None, max_pixels: int | None) -> Frames:
     name = _name(src)
-    with _open_video(src) as (container, stream):
+    with _open_video(src, max_pixels) as (container, stream):
         _check_duration(name, _container_duration(container, stream), max_duration_s)
         timeline = _scan_timeline(container, stream, name)
         _check_duration(name, timeline.seconds[-1], max_duration_s)
@@ -577,6 +613,8 @@ def iter_media_frames(
     strategy: Strategy = "auto",
     max_duration_s: float | None = None,
     progress: Progress | None = None,
+    *,
+    max_pixels: int | None = None,
 ) -> Frames:
     """Image or video to a stream of timestamped uint8 frames (an image is one frame at t=0).
 
@@ -586,13 +624,13 @@ def iter_media_frames(
     Yields:
         (timestamp_s, frame [H, W, 3] uint8 RGB, upright), in time order.
     """
-    if is_image(src):
-        return _iter_image(src, progress)
-    return iter_video_frames(src, sampling, strategy, max_duration_s, progress)
+    if is_image(src, max_pixels):
+        return _iter_image(src, progress, max_pixels)
+    return iter_video_frames(src, sampling, strategy, max_duration_s, progress, max_pixels=max_pixels)
 
 
-def _iter_image(src: Source, progress: Progress | None) -> Frames:
-    frame = load_image(src)
+def _iter_image(src: Source, progress: Progress | None, max_pixels: int | None) -> Frames:
+    frame = load_image(src, max_pixels)
     if progress is not None:
         progress(1, 1)
     yield 0.0, frame
@@ -604,10 +642,12 @@ def decode_media(
     strategy: Strategy = "auto",
     max_duration_s: float | None = None,
     progress: Progress | None = None,
+    *,
+    max_pixels: int | None = None,
 ) -> list[tuple[float, np.ndarray]]:
     """`iter_media_frames` as a list (every frame in memory at once: short media only).
 
     Raises:
         MediaError subclasses, each naming what is wrong.
     """
-    return list(iter_media_frames(src, sampling, strategy, max_duration_s, progress))
+    return list(iter_media_frames(src, sampling, strategy, max_duration_s, progress, max_pixels=max_pixels))

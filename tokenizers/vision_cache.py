@@ -160,6 +160,7 @@ def encode_media(
     progress: IngestProgress | None = None,
     content_sha256: str | None = None,
     label: str | None = None,
+    max_pixels: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Media to VQGAN codes through the cache; on a miss, a streamed pipeline.
 
@@ -184,6 +185,7 @@ def encode_media(
             store has it): skips re-reading the file to hash it. Must be the hash
             of exactly these bytes, or the cache key is wrong.
         label: how the log line names the media (default: its path, or "<bytes>").
+        max_pixels: images / video frames of more pixels are refused before decoding.
 
     Returns:
         (codes [N, g, g] int32, timestamps [N] float64 seconds). N = 0 (the
@@ -197,14 +199,15 @@ def encode_media(
             if progress is not None:
                 progress("cached", len(hit[0]), len(hit[0]))
             return hit
-    codes, timestamps = _encode_stream(src, spec, vqgan, strategy, max_duration_s, progress, label)
+    codes, timestamps = _encode_stream(src, spec, vqgan, strategy, max_duration_s, progress, label, max_pixels)
     if cache is not None and key is not None and len(codes):
         cache.put(key, codes, timestamps)
     return codes, timestamps
 
 
 def _encode_stream(src: Source, spec: SamplingSpec, vqgan: "VQGAN", strategy: str, max_duration_s: float | None,
-                   progress: IngestProgress | None, label: str | None) -> tuple[np.ndarray, np.ndarray]:
+                   progress: IngestProgress | None, label: str | None,
+                   max_pixels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode -> preprocess -> VQGAN, `vqgan.batch_size` frames at a time (see `encode_media`)."""
     # Imported here: the cache itself needs neither PyAV nor JAX.
     from lwm_serve.tokenizers.media_decode import iter_media_frames, preprocess_frames
@@ -239,7 +242,7 @@ def _encode_stream(src: Source, spec: SamplingSpec, vqgan: "VQGAN", strategy: st
 
     start = time.perf_counter()
     frames = iter_media_frames(src, spec, strategy=strategy, max_duration_s=max_duration_s,  # type: ignore[arg-type]
-                               progress=on_decode)
+                               progress=on_decode, max_pixels=max_pixels)
     with closing(frames):  # a cancel or error closes the container now, not at garbage collection
         for t, frame in frames:
             timestamps.append(t)
