@@ -129,3 +129,31 @@ def test_a_client_leaving_stops_the_ingestion_and_stores_nothing(tmp_path, long_
     assert max(decoded, default=0) <= 4 < N_FRAMES
     assert service.cache.size_bytes() == 0
     assert (service.stats.cache_misses, service.stats.frames_encoded) == (0, 0)
+
+
+def test_a_cut_event_stream_leaves_no_task_pending(tmp_path, long_clip, fake_vqgan):
+    """Closing `encode_events` mid-wait (a cut SSE stream) cancels what it started:
+    before, its `Queue.get` task was left pending ("Task was destroyed but it is pending")."""
+    vqgan = fake_vqgan(batch_size=4)
+    vqgan.release = threading.Event()
+    service = _service(tmp_path, vqgan)
+    plans = _plan(service, _request(long_clip, SamplingSpec(max_frames=None)))
+
+    async def cut() -> list[asyncio.Task]:
+        events = service.encode_events(plans)
+        first = await events.__anext__()
+        assert isinstance(first, IngestEvent)
+        reader = asyncio.ensure_future(events.__anext__())  # waits inside encode_events
+        await asyncio.sleep(0.05)
+        reader.cancel()  # what a client leaving does to the response task
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        await events.aclose()
+        await asyncio.sleep(0)  # let cancellations land
+        return [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+
+    pending = asyncio.run(cut())
+    vqgan.release.set()
+    service._executor.submit(lambda: None).result(timeout=30)
+    service.close()
+    assert pending == []
