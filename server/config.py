@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from lwm_serve.tokenizers.vision_layout import END_OF_FRAME, END_OF_VISION
+
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "LWM_SERVE_"
@@ -124,10 +126,11 @@ class ServerSettings(BaseSettings):
         "env; a domain also allows its subdomains); empty: remote URLs are refused"))
     media_fetch_timeout_s: float = Field(30.0, gt=0, description="timeout of one remote media fetch read")
     frame_layout: Literal["standard", "vision_chat"] = Field("standard", description=(
-        "frame delimiters in the prompt. 'standard': 8192 after every frame but the last, 8193 "
-        "after the last; the layout LWM was trained on (lwm/data.py, DESIGN.md). 'vision_chat': "
-        "8193 after EVERY frame; exactly what the reference vision_chat script feeds (it VQGAN-"
-        "encodes one frame per batch and ends each batch with 8193). One image: both agree"))
+        f"frame delimiters in the prompt. 'standard': {END_OF_FRAME} after every frame but the last, "
+        f"{END_OF_VISION} after the last; the layout LWM was trained on (lwm/data.py, DESIGN.md). "
+        f"'vision_chat': {END_OF_VISION} after EVERY frame; exactly what the reference vision_chat script "
+        f"feeds (it VQGAN-encodes one frame per batch and ends each batch with {END_OF_VISION}). One image: "
+        "both agree"))
     auto_fps: bool = Field(False, description=(
         "when a video's frames do not fit the context, sample fewer (lower fps / max_frames) "
         "instead of answering 400; a request can also ask with the extra 'auto_fps': true"))

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from lwm_serve.server.errors import InvalidRequestError
-from lwm_serve.server.stores.files import EmptyFile, FileStore, FileTooLarge
+from lwm_serve.server.stores.files import EmptyFile, FileStore, FileTooLarge, write_hashed, write_hashed_async
 
 logger = logging.getLogger(__name__)
 
@@ -174,20 +174,12 @@ def fetch_url(url: str, *, allowlist: Sequence[str], max_bytes: int, dest: Path,
     """
     opener = urllib.request.build_opener(_CheckedRedirects(allowlist, param))
     request = urllib.request.Request(url, headers={"User-Agent": "lwm-serve"})
-    digest, size = hashlib.sha256(), 0
     try:
-        with opener.open(request, timeout=timeout_s) as resp, open(dest, "wb") as out:
+        with opener.open(request, timeout=timeout_s) as resp:
             declared = resp.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > max_bytes:
                 raise FileTooLarge(max_bytes)
-            while chunk := resp.read(_CHUNK):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise FileTooLarge(max_bytes)
-                digest.update(chunk)
-                out.write(chunk)
-        if size == 0:
-            raise EmptyFile()
+            sha, size = write_hashed(iter(lambda: resp.read(_CHUNK), b""), dest, max_bytes)
     except urllib.error.HTTPError as exc:
         dest.unlink(missing_ok=True)
         raise InvalidRequestError(f"fetching {url} failed: HTTP {exc.code} {exc.reason}", param=param,
@@ -201,31 +193,13 @@ def fetch_url(url: str, *, allowlist: Sequence[str], max_bytes: int, dest: Path,
         dest.unlink(missing_ok=True)
         raise
     logger.info("fetched %s (%d bytes)", url, size)
-    return digest.hexdigest()
+    return sha
 
 
 async def save_upload(chunks: AsyncIterator[bytes], dest: Path, max_bytes: int) -> str:
     """Stream an upload to `dest` under the size limit; returns its sha256 (dest removed on failure)."""
-    import asyncio
-
-    digest, size = hashlib.sha256(), 0
-    out = await asyncio.to_thread(open, dest, "wb")
-    try:
-        try:
-            async for chunk in chunks:
-                size += len(chunk)
-                if size > max_bytes:
-                    raise FileTooLarge(max_bytes)
-                digest.update(chunk)
-                await asyncio.to_thread(out.write, chunk)
-        finally:
-            await asyncio.to_thread(out.close)
-        if size == 0:
-            raise EmptyFile()
-    except BaseException:
-        dest.unlink(missing_ok=True)
-        raise
-    return digest.hexdigest()
+    sha, _ = await write_hashed_async(chunks, dest, max_bytes)
+    return sha
 
 
 @dataclass

@@ -44,7 +44,7 @@ from lwm_serve.tokenizers import media_decode
 from lwm_serve.tokenizers.errors import MediaError
 from lwm_serve.tokenizers.frame_sampling import DEFAULT_MAX_FRAMES, SamplingSpec, estimate_n_frames
 from lwm_serve.tokenizers.vision_cache import Stage, VisionCache, cache_key, encode_media
-from lwm_serve.tokenizers.vision_layout import TOKENS_PER_FRAME, VISION_END_TEXT, VISION_START_TEXT, FrameLayout
+from lwm_serve.tokenizers.vision_layout import TOKENS_PER_FRAME, FrameLayout, wrapper_length
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ class Budget:
 
     context: int
     text_tokens: int
-    vision_tokens: int  # 257 per frame
-    wrapper_tokens: int  # encode('<vision>') + encode('</vision>') per media item
+    vision_tokens: int  # TOKENS_PER_FRAME per frame
+    wrapper_tokens: int  # vision_layout.wrapper_length per media item
     new_tokens: int  # max_tokens, or 1 when the server chooses it
 
     @property
@@ -189,7 +189,7 @@ class VisionService:
         self.vqgan, self.cache, self.sources = vqgan, cache, sources
         self.layout, self.context_limit = layout, context_limit
         self.max_video_seconds, self.auto_fps, self.max_pixels = max_video_seconds, auto_fps, max_pixels
-        self.wrapper_tokens = len(tokenizer.encode(VISION_START_TEXT)) + len(tokenizer.encode(VISION_END_TEXT))
+        self.wrapper_tokens = wrapper_length(tokenizer)
         self.stats = IngestStats()
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="lwm-ingest")

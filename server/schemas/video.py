@@ -9,6 +9,7 @@ from pydantic import Field
 from lwm_serve.server.schemas.common import ResponseModel
 from lwm_serve.server.schemas.common import MAX_TOKENS, MAX_TOP_K, TOP_K_DOC
 from lwm_serve.server.schemas.media import MediaSampling
+from lwm_serve.tokenizers.vision_layout import CODES_PER_FRAME, TOKENS_PER_FRAME
 
 FinishReason = Literal["stop", "length"]
 _OMIT_NONE = dict(default=None, exclude_if=lambda v: v is None)
@@ -57,7 +58,7 @@ class VideoUsage(ResponseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    vision_tokens: int = Field(description="frames x 257 (256 VQGAN codes + a delimiter)")
+    vision_tokens: int = Field(description=f"frames x {TOKENS_PER_FRAME} ({CODES_PER_FRAME} VQGAN codes + a delimiter)")
     frames: int
 
 

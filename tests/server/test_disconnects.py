@@ -127,3 +127,20 @@ def test_control_bytes_in_paths_are_escaped_in_logs(live, auth_headers, caplog):
     assert lines, "the 404 was logged"
     assert all("\r" not in line and "\n" not in line and "\x1b" not in line for line in lines), lines
     assert loggable("a\r\nb\x1b") == "a\\r\\nb\\x1b"
+
+
+def test_a_remaining_500_closes_the_connection(make_server, fixture_runtime, auth_headers, caplog):
+    """A bug's 500 keeps the error shape, is logged with its traceback, and says
+    `Connection: close` (the connection's state after a bug is unknown)."""
+
+    server = make_server(fixture_runtime, warmup=False, wait_for="/health")
+
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
+    server.app.add_api_route("/test-only/boom", boom)
+    with httpx.Client() as client:
+        r = client.get(f"{server.base_url}/test-only/boom")
+    assert r.status_code == 500 and r.headers.get("connection") == "close"
+    assert r.json()["error"]["code"] == "internal_error"
+    assert any(rec.exc_info for rec in caplog.records if "unhandled error" in rec.getMessage())
