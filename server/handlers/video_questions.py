@@ -33,7 +33,9 @@ from lwm_serve.server.schemas.common import dump
 from lwm_serve.server.schemas.video import (FrameInfo, MediaDetails, SamplingUsed, VideoAnswer, VideoAnswerChunk,
                                             VideoPlan, VideoPlanRequest, VideoQuestionForm, VideoUsage)
 from lwm_serve.server.streaming import SSEEvent
-from lwm_serve.server.vision import EncodedMedia, IngestEvent, MediaRequest, PlannedMedia, VisionService
+from lwm_serve.server.media_ingest import EncodedMedia, IngestEvent
+from lwm_serve.server.media_plan import MediaRequest, PlannedMedia, suggestions
+from lwm_serve.server.media_service import MediaService
 from lwm_serve.tokenizers.chat_template import PromptTokens, chat_prompt
 from lwm_serve.tokenizers.text import TextTokenizer
 
@@ -53,12 +55,12 @@ class VideoQuestionHandler:
         limits: default completion length.
     """
 
-    def __init__(self, engine: Engine, tokenizer: TextTokenizer, model_name: str, vision: VisionService | None,
+    def __init__(self, engine: Engine, tokenizer: TextTokenizer, model_name: str, vision: MediaService | None,
                  limits: common.HandlerLimits = common.HandlerLimits()) -> None:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.vision, self.limits = vision, limits
 
-    def require_vision(self) -> VisionService:
+    def require_vision(self) -> MediaService:
         if self.vision is None:
             raise InvalidRequestError(NO_VQGAN, code="vision_unavailable")
         return self.vision
@@ -137,7 +139,7 @@ class VideoQuestionHandler:
         finally:
             source.close()
         plan = plans[0]
-        frames, fps = (None, None) if budget.fits else vision.suggestions(plans, budget).get(0, (None, None))
+        frames, fps = (None, None) if budget.fits else suggestions(plans, budget).get(0, (None, None))
         return VideoPlan(kind="image" if plan.is_image else "video",
                          duration_s=plan.info.duration_s if plan.info is not None else None,
                          frames=plan.n_frames, vision_tokens=budget.vision_tokens, prompt_tokens=budget.prompt_tokens,

@@ -26,7 +26,6 @@ from typing import AsyncIterator, Iterable
 logger = logging.getLogger(__name__)
 
 _ID_PATTERN = re.compile(r"^file-[0-9a-f]{24}$")
-_CHUNK = 1 << 20
 
 
 class FileStoreError(Exception):
