@@ -41,6 +41,15 @@ def check_content_length(declared: str | None, max_bytes: int) -> None:
                                    param="file")
 
 
+@dataclass
+class RequestBody:
+    """What an upload route hands its handler: the headers that matter and the raw body stream."""
+
+    content_type: str
+    content_length: str | None
+    chunks: AsyncIterator[bytes]
+
+
 @dataclass(frozen=True)
 class FormField:
     name: str

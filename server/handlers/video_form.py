@@ -12,27 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import urllib.parse
-from dataclasses import dataclass
-from typing import AsyncIterator
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from lwm_serve.server.errors import InvalidRequestError, validation_error
 from lwm_serve.server.media_sources import MediaSource, SourceResolver, save_upload
-from lwm_serve.server.multipart import FilePart, MultipartReader, check_content_length
+from lwm_serve.server.multipart import FilePart, MultipartReader, RequestBody, check_content_length
 from lwm_serve.server.schemas.video import VideoQuestionForm
 
 URLENCODED_MAX = 16 << 20  # a data URL in a url-encoded form
-
-
-@dataclass
-class RequestBody:
-    """What the route hands over: the headers that matter and the raw body stream."""
-
-    content_type: str
-    content_length: str | None
-    chunks: AsyncIterator[bytes]
 
 
 def parse_form(fields: dict[str, str]) -> VideoQuestionForm:

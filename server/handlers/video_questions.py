@@ -27,7 +27,8 @@ from lwm_serve.server.errors import InvalidRequestError
 from lwm_serve.server.handlers import common
 from lwm_serve.server.handlers.choices import choice_events
 from lwm_serve.server.handlers.text_output import ChoiceDecoder
-from lwm_serve.server.handlers.video_form import RequestBody, read_question
+from lwm_serve.server.handlers.video_form import read_question
+from lwm_serve.server.multipart import RequestBody
 from lwm_serve.server.media_sources import MediaSource
 from lwm_serve.server.schemas.common import dump
 from lwm_serve.server.schemas.video import (FrameInfo, MediaDetails, SamplingUsed, VideoAnswer, VideoAnswerChunk,

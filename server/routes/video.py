@@ -9,7 +9,7 @@ from fastapi.responses import Response
 
 from lwm_serve.server.auth import require_api_key
 from lwm_serve.server.deps import get_video_handler
-from lwm_serve.server.handlers.video_form import RequestBody
+from lwm_serve.server.multipart import RequestBody
 from lwm_serve.server.handlers.video_questions import VideoQuestionHandler
 from lwm_serve.server.routes._docs import MEDIA_ERRORS
 from lwm_serve.server.schemas.video import VIDEO_QUESTION_DOC, VideoAnswer, VideoPlan, VideoPlanRequest
