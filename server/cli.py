@@ -80,6 +80,7 @@ _MEDIA_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--data-dir", "data_dir", {"metavar": "DIR"}),
     ("--max-upload-bytes", "max_upload_bytes", {"type": int, "metavar": "BYTES"}),
     ("--max-video-seconds", "max_video_seconds", {"type": _optional(float), "metavar": "SECONDS|none"}),
+    ("--max-media-pixels", "max_media_pixels", {"type": _optional(int), "metavar": "PIXELS|none"}),
     ("--media-url-allowlist", "media_url_allowlist", {"action": "append", "metavar": "DOMAIN"}),
     ("--frame-layout", "frame_layout", {"choices": ["standard", "vision_chat"]}),
     ("--auto-fps", "auto_fps", {"action": argparse.BooleanOptionalAction}),

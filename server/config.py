@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from lwm_serve.tokenizers.vision_layout import END_OF_FRAME, END_OF_VISION
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,16 @@ def _split_keys(value: Any) -> Any:
             return json.loads(text)
         return [k.strip() for k in text.split(",") if k.strip()]
     return value
+
+
+def _missing_vqgan(path: Path) -> str:
+    """Why `--vqgan PATH` is no VQGAN pickle, naming what is missing."""
+    if path.is_dir():
+        pickles = sorted(p.name for p in path.glob("*.pkl"))
+        found = f"it holds {', '.join(pickles)}" if pickles else "it holds no .pkl file"
+        return (f"--vqgan {os.fspath(path)!r} is a directory; pass the VQGAN params pickle itself "
+                f"(e.g. {os.fspath(path / 'vqgan_params.pkl')!r}); {found}")
+    return f"VQGAN params {os.fspath(path)!r} do not exist"
 
 
 class ServerSettings(BaseSettings):
@@ -131,6 +144,9 @@ class ServerSettings(BaseSettings):
         "largest accepted upload / data URL / fetched media, in bytes (413 beyond)"))
     max_video_seconds: float | None = Field(4 * 3600.0, gt=0, description=(
         "longest accepted video in seconds (400 beyond); unset: no limit"))
+    max_media_pixels: int | None = Field(8192 * 8192, ge=1, description=(
+        "most pixels of an image or video frame (width x height, read from its header); larger "
+        "ones are refused (413) before anything is decoded; unset: no limit beyond Pillow's own"))
     vision_cache_bytes: int | None = Field(None, ge=1, description=(
         "size cap of the VQGAN code cache (least recently used entries evicted); unset: no cap"))
     media_url_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
@@ -138,10 +154,11 @@ class ServerSettings(BaseSettings):
         "env; a domain also allows its subdomains); empty: remote URLs are refused"))
     media_fetch_timeout_s: float = Field(30.0, gt=0, description="timeout of one remote media fetch read")
     frame_layout: Literal["standard", "vision_chat"] = Field("standard", description=(
-        "frame delimiters in the prompt. 'standard': 8192 after every frame but the last, 8193 "
-        "after the last; the layout LWM was trained on (lwm/data.py, DESIGN.md). 'vision_chat': "
-        "8193 after EVERY frame; exactly what the reference vision_chat script feeds (it VQGAN-"
-        "encodes one frame per batch and ends each batch with 8193). One image: both agree"))
+        f"frame delimiters in the prompt. 'standard': {END_OF_FRAME} after every frame but the last, "
+        f"{END_OF_VISION} after the last; the layout LWM was trained on (lwm/data.py, DESIGN.md). "
+        f"'vision_chat': {END_OF_VISION} after EVERY frame; exactly what the reference vision_chat script "
+        f"feeds (it VQGAN-encodes one frame per batch and ends each batch with {END_OF_VISION}). One image: "
+        "both agree"))
     auto_fps: bool = Field(False, description=(
         "when a video's frames do not fit the context, sample fewer (lower fps / max_frames) "
         "instead of answering 400; a request can also ask with the extra 'auto_fps': true"))
@@ -184,7 +201,7 @@ class ServerSettings(BaseSettings):
         if self.tokenizer is not None and not Path(self.tokenizer).exists():
             raise ValueError(f"tokenizer {self.tokenizer!r} does not exist")
         if self.vqgan is not None and not Path(self.vqgan).is_file():
-            raise ValueError(f"VQGAN params {self.vqgan!r} do not exist")
+            raise ValueError(_missing_vqgan(Path(self.vqgan)))
         self._check_distributed()
         return self
 

@@ -17,8 +17,9 @@ from typing import Any, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from lwm_serve.model.generation import ContextLengthError
 from lwm_serve.server.engine.scheduler import QueueFullError
@@ -111,6 +112,8 @@ def _media_or_file_error(exc: BaseException, param: str | None) -> APIError | No
     codes: list[tuple[type[Exception], str]] = [
         (media.EmptyMediaError, "empty_media"), (media.CorruptMediaError, "corrupt_media"),
         (media.NoVideoStreamError, "no_video_stream"), (media.MediaTooLongError, "media_too_long")]
+    if isinstance(exc, media.MediaTooLargeError):
+        return PayloadTooLargeError(str(exc), param=param, code="too_many_pixels")
     if isinstance(exc, media.UnsupportedMediaError):
         return UnsupportedMediaTypeError(str(exc), param=param)
     for cls, code in codes:
@@ -168,8 +171,14 @@ def _param_from_loc(loc: Sequence[Any]) -> str | None:
     return out or None
 
 
-def validation_error(exc: RequestValidationError) -> InvalidRequestError:
-    """One readable sentence from pydantic errors (the first, plus how many more)."""
+def validation_error(exc: RequestValidationError, *, prefix: str | None = None) -> InvalidRequestError:
+    """One readable sentence from pydantic errors (the first, plus how many more).
+
+    Args:
+        exc: the validation errors.
+        prefix: where the validated object sits in the request (e.g.
+            "messages[0].content[1].video_url"), prepended to the field's name.
+    """
     errors = list(exc.errors())
     if not errors:
         return InvalidRequestError("invalid request")
@@ -181,6 +190,8 @@ def validation_error(exc: RequestValidationError) -> InvalidRequestError:
         return InvalidRequestError(f"the request body is not valid JSON ({detail})".replace(" ()", ""),
                                    code="invalid_json")
     param = _param_from_loc(first.get("loc", ()))
+    if prefix:
+        param = f"{prefix}.{param}" if param else prefix
     if kind == "missing":
         message = f"'{param}' is a required property" if param else "a required property is missing"
     elif param is None and kind in ("model_attributes_type", "dict_type"):
@@ -221,20 +232,36 @@ def _short(value: Any) -> str | None:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+CLIENT_CLOSED = 499  # nginx's code: the client closed the request before the answer
+
+
+def loggable(text: str) -> str:
+    """`text` with control characters escaped: a request path cannot forge log lines."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves the app as an OpenAI error body."""
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         log = logger.warning if exc.status >= 500 else logger.info
-        log("%s %s -> %d %s", request.method, request.url.path, exc.status, exc.message)
+        log("%s %s -> %d %s", request.method, loggable(request.url.path), exc.status, exc.message)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = validation_error(exc)
-        logger.info("%s %s -> 400 %s", request.method, request.url.path, err.message)
+        logger.info("%s %s -> 400 %s", request.method, loggable(request.url.path), err.message)
         return error_response(err)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_left(request: Request, exc: ClientDisconnect) -> Response:
+        # Not a bug: the client went away mid-body (a cut upload). Nobody reads this
+        # answer; its status is what metrics and access logs count.
+        logger.info("%s %s -> %d the client closed the request mid-body", request.method,
+                    loggable(request.url.path), CLIENT_CLOSED)
+        return Response(status_code=CLIENT_CLOSED)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -249,7 +276,7 @@ def install_error_handlers(app: FastAPI) -> None:
     # ServerErrorMiddleware, which re-raises (and logs a traceback) after answering.
     async def _domain(request: Request, exc: Exception) -> JSONResponse:
         err = to_api_error(exc)
-        logger.info("%s %s -> %d %s", request.method, request.url.path, err.status, err.message)
+        logger.info("%s %s -> %d %s", request.method, loggable(request.url.path), err.status, err.message)
         return error_response(err)
 
     for cls in _domain_error_types():
@@ -259,5 +286,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         err = to_api_error(exc)
         if err.status >= 500:
-            logger.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+            logger.exception("unhandled error in %s %s", request.method, loggable(request.url.path), exc_info=exc)
+            # After a bug the connection's state is unknown (a body half read): do not reuse it.
+            err.headers = {**err.headers, "Connection": "close"}
         return error_response(err)

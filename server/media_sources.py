@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import http.client
 import logging
 import os
 import re
@@ -27,10 +28,10 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from lwm_serve.server.errors import InvalidRequestError
-from lwm_serve.server.stores.files import EmptyFile, FileStore, FileTooLarge
+from lwm_serve.server.stores.files import EmptyFile, FileStore, FileTooLarge, write_hashed, write_hashed_async
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class MediaSource:
         label: how messages name it (a file id, "data URL", the URL).
         file_id: the stored file, when it is one.
         temp: a temp file to remove on `close()` (None: nothing to remove).
+        discard: undoes keeping it (a `store=true` upload): called by
+            `discard_unless_answered` when the question was not answered.
     """
 
     data: bytes | Path
@@ -55,6 +58,17 @@ class MediaSource:
     label: str
     file_id: str | None = None
     temp: Path | None = field(default=None, repr=False)
+    discard: Callable[[], Any] | None = field(default=None, repr=False)
+
+    def answered(self) -> None:
+        """The client has what it asked for (the stored file's id): keep it."""
+        self.discard = None
+
+    def discard_unless_answered(self) -> None:
+        """Removes a kept upload whose question failed or whose client left first."""
+        undo, self.discard = self.discard, None
+        if undo is not None:
+            undo()
 
     def close(self) -> None:
         if self.temp is not None:
@@ -96,11 +110,7 @@ def parse_data_url(url: str, max_bytes: int, param: str) -> bytes:
     if header.endswith(";base64"):
         if len(payload) // 4 * 3 > max_bytes + 3:
             raise FileTooLarge(max_bytes)
-        try:
-            data = base64.b64decode(payload, validate=False)
-        except (binascii.Error, ValueError) as exc:
-            raise InvalidRequestError(f"the data URL's base64 payload is invalid ({exc})", param=param,
-                                      code="invalid_data_url") from exc
+        data = _base64_payload(payload, param)
     else:
         data = urllib.parse.unquote_to_bytes(payload)
     if len(data) > max_bytes:
@@ -110,6 +120,31 @@ def parse_data_url(url: str, max_bytes: int, param: str) -> bytes:
     return data
 
 
+def _base64_payload(payload: str, param: str) -> bytes:
+    """Strict base64 (standard or URL-safe alphabet; whitespace and missing padding
+    tolerated): a payload with any other character is refused, never half-decoded."""
+    text = re.sub(r"\s+", "", urllib.parse.unquote(payload))
+    altchars = b"-_" if ("-" in text or "_" in text) else None
+    text += "=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(text, altchars=altchars, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequestError(f"the data URL's base64 payload is not valid base64 ({exc})", param=param,
+                                  code="invalid_data_url") from None
+
+
+def check_remote_url(url: str, param: str) -> None:
+    """A well-formed http(s) URL (host present, numeric port in range), else a 400."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise InvalidRequestError(f"the media URL {url!r} is malformed ({exc})", param=param,
+                                  code="invalid_media_url") from None
+    if not parts.hostname:
+        raise InvalidRequestError(f"the media URL {url!r} has no host", param=param, code="invalid_media_url")
+
+
 def host_allowed(url: str, allowlist: Sequence[str]) -> bool:
     """True when the URL's host is a listed domain or one of its subdomains."""
     host = (urllib.parse.urlsplit(url).hostname or "").lower().rstrip(".")
@@ -117,13 +152,13 @@ def host_allowed(url: str, allowlist: Sequence[str]) -> bool:
 
 
 class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
-    def __init__(self, allowlist: Sequence[str]) -> None:
-        self.allowlist = allowlist
+    def __init__(self, allowlist: Sequence[str], param: str | None = None) -> None:
+        self.allowlist, self.param = allowlist, param
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201 - stdlib API
         if not host_allowed(newurl, self.allowlist) or not newurl.lower().startswith(("http://", "https://")):
             raise InvalidRequestError(f"the media URL redirects to {newurl!r}, whose host is not on this "
-                                      "server's media_url_allowlist", code="url_not_allowed")
+                                      "server's media_url_allowlist", param=self.param, code="url_not_allowed")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -137,27 +172,19 @@ def fetch_url(url: str, *, allowlist: Sequence[str], max_bytes: int, dest: Path,
     Raises:
         InvalidRequestError (host not allowed, HTTP error, unreachable), FileTooLarge, EmptyFile.
     """
-    opener = urllib.request.build_opener(_CheckedRedirects(allowlist))
+    opener = urllib.request.build_opener(_CheckedRedirects(allowlist, param))
     request = urllib.request.Request(url, headers={"User-Agent": "lwm-serve"})
-    digest, size = hashlib.sha256(), 0
     try:
-        with opener.open(request, timeout=timeout_s) as resp, open(dest, "wb") as out:
+        with opener.open(request, timeout=timeout_s) as resp:
             declared = resp.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > max_bytes:
                 raise FileTooLarge(max_bytes)
-            while chunk := resp.read(_CHUNK):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise FileTooLarge(max_bytes)
-                digest.update(chunk)
-                out.write(chunk)
-        if size == 0:
-            raise EmptyFile()
+            sha, size = write_hashed(iter(lambda: resp.read(_CHUNK), b""), dest, max_bytes)
     except urllib.error.HTTPError as exc:
         dest.unlink(missing_ok=True)
         raise InvalidRequestError(f"fetching {url} failed: HTTP {exc.code} {exc.reason}", param=param,
                                   code="media_fetch_failed") from exc
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         dest.unlink(missing_ok=True)
         reason = getattr(exc, "reason", exc)
         raise InvalidRequestError(f"could not fetch {url} ({reason})", param=param,
@@ -166,31 +193,13 @@ def fetch_url(url: str, *, allowlist: Sequence[str], max_bytes: int, dest: Path,
         dest.unlink(missing_ok=True)
         raise
     logger.info("fetched %s (%d bytes)", url, size)
-    return digest.hexdigest()
+    return sha
 
 
 async def save_upload(chunks: AsyncIterator[bytes], dest: Path, max_bytes: int) -> str:
     """Stream an upload to `dest` under the size limit; returns its sha256 (dest removed on failure)."""
-    import asyncio
-
-    digest, size = hashlib.sha256(), 0
-    out = await asyncio.to_thread(open, dest, "wb")
-    try:
-        try:
-            async for chunk in chunks:
-                size += len(chunk)
-                if size > max_bytes:
-                    raise FileTooLarge(max_bytes)
-                digest.update(chunk)
-                await asyncio.to_thread(out.write, chunk)
-        finally:
-            await asyncio.to_thread(out.close)
-        if size == 0:
-            raise EmptyFile()
-    except BaseException:
-        dest.unlink(missing_ok=True)
-        raise
-    return digest.hexdigest()
+    sha, _ = await write_hashed_async(chunks, dest, max_bytes)
+    return sha
 
 
 @dataclass
@@ -227,6 +236,7 @@ class SourceResolver:
         if _FILE_ID.match(url):
             return await asyncio.to_thread(self.stored, url)
         if url.lower().startswith(("http://", "https://")):
+            check_remote_url(url, param)
             if not host_allowed(url, self.allowlist):
                 hint = ("this server fetches no remote media (its media_url_allowlist is empty)"
                         if not self.allowlist else "its host is not on this server's media_url_allowlist")

@@ -24,12 +24,30 @@ from typing import AsyncIterator
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from lwm_serve.server.errors import InvalidRequestError
+from lwm_serve.server.errors import InvalidRequestError, PayloadTooLargeError
 
 logger = logging.getLogger(__name__)
 
 MAX_FIELD_BYTES = 64 * 1024  # a text field (question, purpose, numbers)
 MAX_PARTS = 64
+FORM_OVERHEAD = 1 << 20  # multipart headers and small fields around the file
+
+
+def check_content_length(declared: str | None, max_bytes: int) -> None:
+    """Refuse at once a body that announces more than the limit allows (413)."""
+    declared = declared or ""
+    if declared.isdigit() and int(declared) > max_bytes + FORM_OVERHEAD:
+        raise PayloadTooLargeError(f"the upload is {int(declared)} bytes; the limit is {max_bytes} bytes",
+                                   param="file")
+
+
+@dataclass
+class RequestBody:
+    """What an upload route hands its handler: the headers that matter and the raw body stream."""
+
+    content_type: str
+    content_length: str | None
+    chunks: AsyncIterator[bytes]
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from lwm_serve.server.handlers.models import ModelsHandler
 from lwm_serve.server.handlers.video_questions import VideoQuestionHandler
 from lwm_serve.server.media_sources import SourceResolver, TempFiles
 from lwm_serve.server.stores.files import FileStore
-from lwm_serve.server.vision import VisionService
+from lwm_serve.server.media_service import MediaService
 from lwm_serve.tokenizers.vision_cache import VisionCache
 from lwm_serve.tokenizers.text import TextTokenizer
 
@@ -67,7 +67,7 @@ class Services:
     model_name: str
     files: FilesHandler
     video: VideoQuestionHandler
-    vision: VisionService | None = None
+    vision: MediaService | None = None
 
     def close(self) -> None:
         """Releases what the engine does not own (call after the engine stopped)."""
@@ -92,10 +92,11 @@ def build_services(settings: ServerSettings, runtime: RuntimeLike, observer: Any
     if runtime.vqgan is not None:
         sources = SourceResolver(store, TempFiles(data / "tmp"), settings.media_url_allowlist,
                                  settings.max_upload_bytes, settings.media_fetch_timeout_s)
-        vision = VisionService(runtime.vqgan, runtime.tokenizer,
+        vision = MediaService(runtime.vqgan, runtime.tokenizer,
                                VisionCache(data / "vision_cache", settings.vision_cache_bytes), sources,
                                layout=settings.frame_layout, context_limit=engine.context_limit,
-                               max_video_seconds=settings.max_video_seconds, auto_fps=settings.auto_fps)
+                               max_video_seconds=settings.max_video_seconds, auto_fps=settings.auto_fps,
+                               max_pixels=settings.max_media_pixels)
     logger.info("data dir %s (files, vision cache); VQGAN %s, frame layout %s", data,
                 "loaded" if vision is not None else "absent (image/video requests get 400)", settings.frame_layout)
     return Services(

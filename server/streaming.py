@@ -16,16 +16,17 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 
-from lwm_serve.server.errors import to_api_error
+from lwm_serve.server.errors import CLIENT_CLOSED, to_api_error
+from lwm_serve.server.schemas.common import dump
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-CLIENT_CLOSED = 499  # nginx's code: the client closed the request
 KEEPALIVE_S = 10.0
 
 
@@ -116,3 +117,15 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | Respo
     task.cancel()
     logger.info("client disconnected before the response was ready")
     return Response(status_code=CLIENT_CLOSED)
+
+
+async def respond(request: Request, work: Awaitable[BaseModel | AsyncIterator[Any]], stream: bool) -> Response:
+    """The one way a generating route answers: `work` (a handler call) gives the
+    response model, or with `stream` the chunk iterator framed as SSE. A client that
+    leaves before a non-streamed answer is ready cancels `work` (499)."""
+    if stream:
+        return sse_response(await work)  # type: ignore[arg-type]
+    result = await unless_disconnected(request, work)
+    if isinstance(result, Response):
+        return result
+    return JSONResponse(dump(result))  # type: ignore[arg-type]

@@ -30,3 +30,7 @@ class NoVideoStreamError(MediaError):
 
 class MediaTooLongError(MediaError):
     """The media is longer than the configured limit."""
+
+
+class MediaTooLargeError(MediaError):
+    """An image or video frame has more pixels than the configured budget (refused before decoding)."""

@@ -24,8 +24,11 @@ from typing import Sequence
 
 import numpy as np
 
-TOKENS_PER_FRAME = 257  # 256 VQGAN codes + one delimiter (8192 / 8193)
 DEFAULT_MAX_FRAMES = 8  # the reference's max_n_frames default
+# Caps of a request's sampling options (they bound the arithmetic below; no video comes near):
+MAX_FPS = 1000.0  # above any real frame rate: asking more returns every frame once anyway
+MAX_FRAMES = 1_000_000  # ~250x what the longest (1M-token) context holds at 257 tokens a frame
+MAX_SECONDS = 10_000_000.0  # ~116 days: start/end beyond any accepted video's duration
 _EPS = 1e-6  # seconds: timestamps are pts * time_base floats
 
 
@@ -110,11 +113,6 @@ def _fps_pick(ts: list[float], lo: int, hi: int, fps: float, t0: float) -> list[
         # Jump straight to the first target after frame j: loops <= frames, whatever fps is.
         k = max(k + 1, math.floor((ts[j] + _EPS - t0) * fps) + 1)
         lo = j + 1
-
-
-def token_count(n_frames: int) -> int:
-    """Vision tokens for n frames (256 codes + 1 delimiter each)."""
-    return n_frames * TOKENS_PER_FRAME
 
 
 def estimate_timestamps(spec: SamplingSpec, n_frames: int, duration_s: float) -> list[float]:

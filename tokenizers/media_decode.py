@@ -18,7 +18,8 @@ Video decoding is planned before any pixel is decoded:
      every other packet never reaches the decoder (keyframe-aware skipping at
      the packet level, which also saves the bitstream parsing that
      `skip_frame='NONKEY'` would still do).
-   All strategies return the same frames for the same spec (tested).
+   All strategies return the same frames for the same spec (tested); each
+   reads on its own in `decode_strategies`.
 
 Frames are streamed (`iter_video_frames` / `iter_media_frames`): each is handed
 out as soon as it is decoded, so a consumer working a batch at a time (the
@@ -32,7 +33,6 @@ rotation (phone clips) is applied so frames come out upright.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import io
 import logging
@@ -42,16 +42,18 @@ from typing import Callable, Generator, Iterator, Literal, Sequence, Union
 
 import av
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from lwm_serve.tokenizers.errors import (
     CorruptMediaError,
     EmptyMediaError,
-    MediaError,
     MediaTooLongError,
     NoVideoStreamError,
     UnsupportedMediaError,
 )
+from lwm_serve.tokenizers import decode_strategies as ds
+# is_image / load_image / check_pixels are part of this module's API (media callers import them from here).
+from lwm_serve.tokenizers.image_decode import check_pixels, is_image, load_image, read_head, source_name  # noqa: F401
 from lwm_serve.tokenizers.frame_sampling import SamplingSpec, select_frames
 
 logger = logging.getLogger(__name__)
@@ -61,12 +63,9 @@ Progress = Callable[[int, int], None]  # (frames kept so far, frames wanted)
 Strategy = Literal["auto", "full", "seek", "keyframe"]
 # (timestamp_s, RGB frame) in time order; a generator, so `closing()` releases the container early.
 Frames = Generator[tuple[float, np.ndarray], None, None]
-_Decoded = Generator[tuple[int, np.ndarray], None, None]  # (pts, RGB frame) as a strategy decodes them
 STRATEGIES: tuple[str, ...] = ("full", "seek", "keyframe")
 FRAME_SIZE = 256
 
-# Pillow formats taken as a still image (animated GIF/WebP: first frame).
-_IMAGE_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF"})
 # Leading bytes of containers FFmpeg reads: a file that starts like one but does
 # not open is damaged; one that matches none is an unsupported format.
 _CONTAINER_MAGIC: tuple[tuple[int, bytes, str], ...] = (
@@ -161,29 +160,7 @@ def preprocess_frames(frames: Sequence[np.ndarray], size: int = FRAME_SIZE) -> n
 
 
 # ----------------------------------------------------------------------------
-# sources
-
-
-def _name(src: Source) -> str:
-    return "<bytes>" if isinstance(src, (bytes, bytearray, memoryview)) else os.fspath(src)
-
-
-def _head(src: Source, n: int = 32) -> bytes:
-    """First bytes of the media; raises EmptyMediaError for zero bytes."""
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        head = bytes(src[:n])
-    else:
-        try:
-            with open(src, "rb") as f:
-                head = f.read(n)
-        except FileNotFoundError as e:
-            raise MediaError(f"{_name(src)}: no such file") from e
-        except IsADirectoryError as e:
-            raise MediaError(f"{_name(src)}: is a directory, not a media file") from e
-    if not head:
-        raise EmptyMediaError(f"{_name(src)}: the media is empty (0 bytes)")
-    return head
-
+# sources (images: `image_decode`)
 
 def _sniff_container(head: bytes) -> str | None:
     for offset, magic, name in _CONTAINER_MAGIC:
@@ -192,57 +169,15 @@ def _sniff_container(head: bytes) -> str | None:
     return None
 
 
-def is_image(src: Source) -> bool:
-    """True if Pillow recognises `src` as a still-image format (header only)."""
-    _head(src)
-    try:
-        with _open_image(src) as img:
-            return img.format in _IMAGE_FORMATS
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        return False
-
-
-def _open_image(src: Source) -> Image.Image:
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        return Image.open(io.BytesIO(bytes(src)))
-    return Image.open(src)
-
-
-def load_image(src: Source) -> np.ndarray:
-    """Decode a still image (first frame of an animation), EXIF orientation applied.
-
-    Args:
-        src: path or bytes of a PNG/JPEG/WebP/GIF/BMP/TIFF image.
-
-    Returns:
-        [H, W, 3] uint8 RGB (alpha dropped, as the reference's `convert('RGB')`).
-    """
-    _head(src)
-    try:
-        with _open_image(src) as img:
-            if img.format not in _IMAGE_FORMATS:
-                raise UnsupportedMediaError(f"{_name(src)}: image format {img.format} is not supported")
-            img.seek(0)
-            upright = ImageOps.exif_transpose(img)
-            return np.asarray(upright.convert("RGB"), dtype=np.uint8)
-    except MediaError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise UnsupportedMediaError(f"{_name(src)}: image is too large to decode ({e})") from e
-    except UnidentifiedImageError as e:
-        raise UnsupportedMediaError(f"{_name(src)}: not a recognised image format") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise CorruptMediaError(f"{_name(src)}: image is truncated or damaged ({e})") from e
-
-
 # ----------------------------------------------------------------------------
 # video
 
 
 @contextmanager
-def _open_video(src: Source) -> Iterator[tuple[av.container.InputContainer, av.video.stream.VideoStream]]:
-    head = _head(src)
-    name = _name(src)
+def _open_video(src: Source, max_pixels: int | None = None
+                ) -> Iterator[tuple[av.container.InputContainer, av.video.stream.VideoStream]]:
+    head = read_head(src)
+    name = source_name(src)
     target = io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, memoryview)) else os.fspath(src)
     try:
         container = av.open(target, mode="r")
@@ -262,6 +197,8 @@ def _open_video(src: Source) -> Iterator[tuple[av.container.InputContainer, av.v
         if stream.codec_context is None or not stream.codec_context.name:
             raise UnsupportedMediaError(f"{name}: video codec {stream.codec_context and stream.codec_context.name!r} "
                                         "has no decoder in this build")
+        # The stream's coded size comes from its headers: a huge frame is refused before one is decoded.
+        check_pixels(name, stream.codec_context.width, stream.codec_context.height, max_pixels)
         stream.thread_type = "AUTO"  # frame + slice threads
         yield container, stream
     finally:
@@ -281,14 +218,15 @@ def _container_duration(container: av.container.InputContainer, stream: av.video
     return 0.0
 
 
-def probe_video(src: Source, max_duration_s: float | None = None) -> VideoInfo:
+def probe_video(src: Source, max_duration_s: float | None = None, *, max_pixels: int | None = None) -> VideoInfo:
     """Read container metadata (and decode one frame for the rotation).
 
     Raises:
-        MediaError subclasses for empty/corrupt/unsupported/audio-only/too long media.
+        MediaError subclasses for empty/corrupt/unsupported/audio-only/too long
+        media, or frames over `max_pixels` (checked before that frame is decoded).
     """
-    name = _name(src)
-    with _open_video(src) as (container, stream):
+    name = source_name(src)
+    with _open_video(src, max_pixels) as (container, stream):
         duration = _container_duration(container, stream)
         _check_duration(name, duration, max_duration_s)
         fps = float(stream.average_rate or stream.guessed_rate or 0)
@@ -296,7 +234,7 @@ def probe_video(src: Source, max_duration_s: float | None = None) -> VideoInfo:
         rotation = 0
         try:
             for frame in container.decode(stream):
-                rotation = _rotation(frame)
+                rotation = ds.rotation(frame)
                 break
             else:
                 raise EmptyMediaError(f"{name}: the video stream has no decodable frame")
@@ -311,21 +249,6 @@ def probe_video(src: Source, max_duration_s: float | None = None) -> VideoInfo:
             rotation=rotation,
             codec=stream.codec_context.name,
         )
-
-
-def _rotation(frame: av.VideoFrame) -> int:
-    # frame.rotation: counter-clockwise degrees of the display matrix, in [-180, 180].
-    try:
-        return int(round(frame.rotation / 90.0)) * 90 % 360
-    except (TypeError, ValueError):
-        return 0
-
-
-def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
-    rgb = frame.to_ndarray(format="rgb24")  # [H, W, 3] uint8
-    k = _rotation(frame) // 90
-    # np.rot90 turns counter-clockwise, the display matrix's direction.
-    return np.ascontiguousarray(np.rot90(rgb, k)) if k else rgb
 
 
 def _scan_timeline(container: av.container.InputContainer, stream: av.video.stream.VideoStream, name: str) -> Timeline:
@@ -369,10 +292,10 @@ def _check_complete(container, stream, timeline: Timeline, name: str) -> None:
         )
 
 
-def frame_timeline(src: Source, max_duration_s: float | None = None) -> Timeline:
+def frame_timeline(src: Source, max_duration_s: float | None = None, *, max_pixels: int | None = None) -> Timeline:
     """The video's frame timeline from a packet scan (no pixel decoding)."""
-    name = _name(src)
-    with _open_video(src) as (container, stream):
+    name = source_name(src)
+    with _open_video(src, max_pixels) as (container, stream):
         _check_duration(name, _container_duration(container, stream), max_duration_s)
         return _scan_timeline(container, stream, name)
 
@@ -388,6 +311,8 @@ def iter_video_frames(
     strategy: Strategy = "auto",
     max_duration_s: float | None = None,
     progress: Progress | None = None,
+    *,
+    max_pixels: int | None = None,
 ) -> Frames:
     """Stream the frames a sampling spec picks, one at a time, in time order.
 
@@ -401,6 +326,8 @@ def iter_video_frames(
         sampling: which frames (default: the reference's 8 uniform frames).
         strategy: "full", "seek", "keyframe" or "auto" (see the module doc).
         max_duration_s: reject longer videos with MediaTooLongError.
+        max_pixels: reject frames of more pixels with MediaTooLargeError (from the
+            stream's headers, before any frame is decoded).
         progress: called as progress(kept, wanted) after each kept frame (job
             progress, log lines); never called inside the decoder's threads.
             An exception it raises stops decoding and propagates (cancellation).
@@ -415,7 +342,7 @@ def iter_video_frames(
     """
     if strategy != "auto" and strategy not in STRATEGIES:
         raise ValueError(f"unknown decode strategy {strategy!r}; use auto or one of {STRATEGIES}")
-    return _iter_video(src, sampling or SamplingSpec(), strategy, max_duration_s, progress)
+    return _iter_video(src, sampling or SamplingSpec(), strategy, max_duration_s, progress, max_pixels)
 
 
 def decode_video(
@@ -424,6 +351,8 @@ def decode_video(
     strategy: Strategy = "auto",
     max_duration_s: float | None = None,
     progress: Progress | None = None,
+    *,
+    max_pixels: int | None = None,
 ) -> list[tuple[float, np.ndarray]]:
     """`iter_video_frames` as a list: every sampled frame in memory at once.
 
@@ -433,19 +362,13 @@ def decode_video(
     Returns:
         [(timestamp_s, frame [H, W, 3] uint8 RGB, upright)] in time order.
     """
-    return list(iter_video_frames(src, sampling, strategy, max_duration_s, progress))
-
-
-# Wanted frames decoded ahead of one still missing, beyond which that one is
-# declared undecodable: decoders return presentation order, so only a damaged
-# stream gets here, and this bounds what it can make us hold.
-_MAX_PENDING = 32
+    return list(iter_video_frames(src, sampling, strategy, max_duration_s, progress, max_pixels=max_pixels))
 
 
 def _iter_video(src: Source, sampling: SamplingSpec, strategy: str, max_duration_s: float | None,
-                progress: Progress | None) -> Frames:
-    name = _name(src)
-    with _open_video(src) as (container, stream):
+                progress: Progress | None, max_pixels: int | None) -> Frames:
+    name = source_name(src)
+    with _open_video(src, max_pixels) as (container, stream):
         _check_duration(name, _container_duration(container, stream), max_duration_s)
         timeline = _scan_timeline(container, stream, name)
         _check_duration(name, timeline.seconds[-1], max_duration_s)
@@ -463,108 +386,15 @@ def _iter_video(src: Source, sampling: SamplingSpec, strategy: str, max_duration
             # The scan left the demuxer at the end: rewind (this also flushes the decoder).
             container.seek(timeline.pts[0], stream=stream, backward=True, any_frame=False)
             if strategy == "full":
-                frames = _decode_full(container, stream, wanted, got)
+                frames = ds.decode_full(container, stream, wanted, got)
             elif strategy == "seek":
-                frames = _decode_seek(container, stream, wanted, _keyframe_before(timeline, wanted), got)
+                frames = ds.decode_seek(container, stream, wanted, ds.keyframe_before(timeline, wanted), got)
             else:
-                frames = _decode_keyframe(container, stream, wanted, _keyframe_before(timeline, wanted), got)
+                frames = ds.decode_keyframe(container, stream, wanted, ds.keyframe_before(timeline, wanted), got)
             with closing(frames):  # stop the strategy before its container closes
-                yield from _in_order(frames, wanted, seconds, progress, name)
+                yield from ds.in_order(frames, wanted, seconds, progress, name)
         except av.error.FFmpegError as e:
             raise CorruptMediaError(f"{name}: decoding failed ({e})") from e
-
-
-def _in_order(frames: Iterator[tuple[int, np.ndarray]], wanted: list[int], seconds: dict[int, float],
-              progress: Progress | None, name: str) -> Iterator[tuple[float, np.ndarray]]:
-    """Decoded (pts, frame) -> (seconds, frame) in `wanted` order, holding only those decoded early."""
-    pending: dict[int, np.ndarray] = {}
-    nxt = 0  # index in `wanted` of the next frame to hand out
-    for pts, frame in frames:
-        pending[pts] = frame
-        del frame  # the pending dict (then the consumer) holds the only reference
-        if progress is not None:
-            progress(nxt + len(pending), len(wanted))
-        while nxt < len(wanted) and wanted[nxt] in pending:
-            pts = wanted[nxt]
-            nxt += 1
-            yield seconds[pts], pending.pop(pts)
-        if len(pending) > _MAX_PENDING:
-            break
-    if nxt < len(wanted):
-        missing = [p for p in wanted[nxt:] if p not in pending]
-        raise CorruptMediaError(
-            f"{name}: {len(missing)} of {len(wanted)} frames could not be decoded (first pts {missing[0]})"
-        )
-
-
-def _keyframe_before(timeline: Timeline, wanted: list[int]) -> list[int]:
-    keys = [p for p, k in zip(timeline.pts, timeline.keyframe) if k] or [timeline.pts[0]]
-    return [keys[max(0, bisect.bisect_right(keys, p) - 1)] for p in wanted]
-
-
-# Each strategy yields (pts, RGB frame) for wanted frames as the decoder returns
-# them, adding each pts to `got`, and stops once it has them all.
-
-
-def _decode_full(container, stream, wanted: list[int], got: set[int]) -> _Decoded:
-    want = set(wanted)
-    for frame in container.decode(stream):
-        if frame.pts in want and frame.pts not in got:
-            got.add(frame.pts)
-            yield frame.pts, _to_rgb(frame)
-            if len(got) == len(want):
-                return
-
-
-def _decode_seek(container, stream, wanted: list[int], keys: list[int],
-                 got: set[int]) -> _Decoded:
-    frames: Iterator[av.VideoFrame] | None = None
-    position = None  # pts of the last frame the decoder returned
-    for target, key in zip(wanted, keys):
-        if target in got:
-            continue
-        if frames is None or position is None or key > position:
-            # The target's keyframe is ahead of the decoder: jump there (seek flushes the decoder).
-            container.seek(key, stream=stream, backward=True, any_frame=False)
-            frames = container.decode(stream)
-        for frame in frames:
-            if frame.pts is None:
-                continue
-            position = frame.pts
-            if frame.pts == target:
-                got.add(target)
-                yield target, _to_rgb(frame)
-                break
-            if frame.pts > target:
-                break
-
-
-def _decode_keyframe(container, stream, wanted: list[int], keys: list[int],
-                     got: set[int]) -> _Decoded:
-    want = set(wanted)
-    i = 0  # next wanted frame not yet returned
-    gop = None  # pts of the last keyframe packet demuxed
-
-    def take(frames: list[av.VideoFrame]) -> _Decoded:
-        nonlocal i
-        for frame in frames:
-            if frame.pts in want and frame.pts not in got:
-                got.add(frame.pts)
-                yield frame.pts, _to_rgb(frame)
-        while i < len(wanted) and wanted[i] in got:
-            i += 1
-
-    for packet in container.demux(stream):
-        if i >= len(wanted):
-            break
-        if packet.is_keyframe and packet.pts is not None:
-            gop = packet.pts
-        # Feed only from the keyframe before the next wanted frame onwards.
-        if gop is None or gop < keys[i] or packet.size == 0:
-            continue
-        yield from take(stream.decode(packet))
-    if i < len(wanted):
-        yield from take(stream.decode(None))  # flush frames the (threaded) decoder still holds
 
 
 # ----------------------------------------------------------------------------
@@ -577,6 +407,8 @@ def iter_media_frames(
     strategy: Strategy = "auto",
     max_duration_s: float | None = None,
     progress: Progress | None = None,
+    *,
+    max_pixels: int | None = None,
 ) -> Frames:
     """Image or video to a stream of timestamped uint8 frames (an image is one frame at t=0).
 
@@ -586,13 +418,13 @@ def iter_media_frames(
     Yields:
         (timestamp_s, frame [H, W, 3] uint8 RGB, upright), in time order.
     """
-    if is_image(src):
-        return _iter_image(src, progress)
-    return iter_video_frames(src, sampling, strategy, max_duration_s, progress)
+    if is_image(src, max_pixels):
+        return _iter_image(src, progress, max_pixels)
+    return iter_video_frames(src, sampling, strategy, max_duration_s, progress, max_pixels=max_pixels)
 
 
-def _iter_image(src: Source, progress: Progress | None) -> Frames:
-    frame = load_image(src)
+def _iter_image(src: Source, progress: Progress | None, max_pixels: int | None) -> Frames:
+    frame = load_image(src, max_pixels)
     if progress is not None:
         progress(1, 1)
     yield 0.0, frame
@@ -604,10 +436,12 @@ def decode_media(
     strategy: Strategy = "auto",
     max_duration_s: float | None = None,
     progress: Progress | None = None,
+    *,
+    max_pixels: int | None = None,
 ) -> list[tuple[float, np.ndarray]]:
     """`iter_media_frames` as a list (every frame in memory at once: short media only).
 
     Raises:
         MediaError subclasses, each naming what is wrong.
     """
-    return list(iter_media_frames(src, sampling, strategy, max_duration_s, progress))
+    return list(iter_media_frames(src, sampling, strategy, max_duration_s, progress, max_pixels=max_pixels))

@@ -133,13 +133,14 @@ def vision_segment(
     return ids, mask
 
 
+def wrapper_length(tokenizer: Encoder) -> int:
+    """Tokens of a segment's text wrapper: encode('<vision>') + encode('</vision>')."""
+    return len(tokenizer.encode(VISION_START_TEXT)) + len(tokenizer.encode(VISION_END_TEXT))
+
+
 def vision_segment_length(tokenizer: Encoder, n_frames: int) -> int:
     """Total tokens of `vision_segment` for a clip of `n_frames` frames."""
-    return (
-        len(tokenizer.encode(VISION_START_TEXT))
-        + num_vision_tokens(n_frames)
-        + len(tokenizer.encode(VISION_END_TEXT))
-    )
+    return wrapper_length(tokenizer) + num_vision_tokens(n_frames)
 
 
 def frames_from_tokens(tokens: Sequence[int] | np.ndarray, *, strict: bool = True) -> np.ndarray:

@@ -8,7 +8,7 @@ sampled from one key, so the same seed and n give the same choices.
 
 Images and video (image_url / video_url / file parts, `handlers.media_parts`)
 are resolved and budgeted before anything streams (bad media and too-long
-requests get their 4xx status), then VQGAN-encoded by the `VisionService`
+requests get their 4xx status), then VQGAN-encoded by the `MediaService`
 (cache first) and spliced into the user message that carried them, after its
 text, in the configured frame layout. A streaming request reports ingestion as
 SSE comment lines (`: progress stage=decode ...`) before the first chunk.
@@ -37,7 +37,9 @@ from lwm_serve.server.schemas.chat import (ChatChoice, ChatCompletionChunk, Chat
 from lwm_serve.server.media_sources import MediaSource
 from lwm_serve.server.schemas.common import UsageInfo, dump
 from lwm_serve.server.streaming import SSEComment
-from lwm_serve.server.vision import EncodedMedia, IngestEvent, MediaRequest, PlannedMedia, VisionService
+from lwm_serve.server.media_ingest import EncodedMedia, IngestEvent
+from lwm_serve.server.media_plan import MediaRequest, PlannedMedia
+from lwm_serve.server.media_service import MediaService
 from lwm_serve.tokenizers.chat_template import Message, PromptTokens, TemplateError, build_chat
 from lwm_serve.tokenizers.text import TextTokenizer
 
@@ -79,7 +81,7 @@ class ChatHandler:
     """
 
     def __init__(self, engine: Engine, tokenizer: TextTokenizer, model_name: str,
-                 limits: common.HandlerLimits = common.HandlerLimits(), vision: VisionService | None = None) -> None:
+                 limits: common.HandlerLimits = common.HandlerLimits(), vision: MediaService | None = None) -> None:
         self.engine, self.tokenizer, self.model_name, self.limits = engine, tokenizer, model_name, limits
         self.vision = vision
         self.texts = TokenTexts(tokenizer)

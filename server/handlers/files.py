@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from lwm_serve.server.errors import InvalidRequestError
-from lwm_serve.server.multipart import FilePart, MultipartReader
+from lwm_serve.server.multipart import FilePart, MultipartReader, RequestBody, check_content_length
 from lwm_serve.server.schemas.files import PURPOSES, FileDeleted, FileList, FileObject, ListOrder
 from lwm_serve.server.stores.files import FileStore, StoredFile
 
@@ -30,9 +30,11 @@ class FilesHandler:
     def __init__(self, store: FileStore) -> None:
         self.store = store
 
-    async def upload(self, reader: MultipartReader) -> FileObject:
+    async def upload(self, body: RequestBody) -> FileObject:
         """Streams the `file` part into the store (413 past the limit); `purpose` may come
         before or after it. Nothing is kept when the request fails."""
+        check_content_length(body.content_length, self.store.max_bytes)
+        reader = MultipartReader(body.chunks, body.content_type)
         purpose: str | None = None
         stored: StoredFile | None = None
         try:

@@ -18,24 +18,25 @@ put its parts in. Only user messages may carry media.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
-from lwm_serve.server.errors import InvalidRequestError, UnsupportedFeatureError
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from lwm_serve.server.errors import InvalidRequestError, UnsupportedFeatureError, validation_error
 from lwm_serve.server.schemas.chat import ChatMessage, ContentPart
-from lwm_serve.server.vision import SamplingOptions
+from lwm_serve.server.schemas.media import OPTION_NAMES, MediaSampling
 
 MediaKind = Literal["image", "video", "file"]
 _MEDIA_TYPES: dict[str, MediaKind] = {"image_url": "image", "video_url": "video", "file": "file"}
-OPTION_NAMES = ("fps", "max_frames", "start", "end", "auto_fps")
 
 
 @dataclass(frozen=True)
 class MediaPart:
     kind: MediaKind
     url: str  # data URL, file id or http(s) URL
-    options: SamplingOptions
+    options: MediaSampling
     param: str  # e.g. "messages[0].content[1]"
 
 
@@ -115,44 +116,13 @@ def media_part(part: ContentPart, param: str) -> MediaPart:
     return MediaPart(kind, url, sampling_options(options, where), param)
 
 
-def sampling_options(raw: dict[str, Any], param: str) -> SamplingOptions:
-    """Validated SamplingOptions from loosely typed values (JSON or form fields)."""
-    values: dict[str, Any] = {}
-    for name in OPTION_NAMES:
-        value = raw.get(name)
-        if value is None or value == "":
-            continue
-        where = f"{param}.{name}" if param else name
-        try:
-            if name == "auto_fps":
-                values[name] = _bool(value)
-            elif name == "max_frames":
-                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                    raise ValueError
-                values[name] = int(value)
-                if values[name] < 1:
-                    raise ValueError
-            else:
-                if isinstance(value, bool):
-                    raise ValueError
-                values[name] = float(value)
-                if not math.isfinite(values[name]) or values[name] < 0 or (name == "fps" and values[name] == 0):
-                    raise ValueError
-        except (TypeError, ValueError):
-            kind = {"auto_fps": "a boolean", "max_frames": "a positive integer",
-                    "fps": "a positive number"}.get(name, "a non-negative number of seconds")
-            raise InvalidRequestError(f"'{where}' must be {kind} (got {value!r})", param=where) from None
-    options = SamplingOptions(**values)
+def sampling_options(raw: dict[str, Any], param: str) -> MediaSampling:
+    """Validated sampling options from loosely typed values (JSON part extras).
+
+    Raises:
+        InvalidRequestError: one sentence naming the field (`{param}.fps`, ...).
+    """
     try:
-        options.spec()
-    except ValueError as exc:
-        raise InvalidRequestError(f"bad sampling options: {exc}", param=param or None) from exc
-    return options
-
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-        return value.strip().lower() in ("true", "1", "yes", "on")
-    raise ValueError
+        return MediaSampling.model_validate({k: raw[k] for k in OPTION_NAMES if k in raw})
+    except ValidationError as exc:
+        raise validation_error(RequestValidationError(exc.errors()), prefix=param) from None

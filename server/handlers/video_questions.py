@@ -26,14 +26,17 @@ from lwm_serve.server.engine.request import GenerationRequest
 from lwm_serve.server.errors import InvalidRequestError
 from lwm_serve.server.handlers import common
 from lwm_serve.server.handlers.choices import choice_events
-from lwm_serve.server.handlers.media_parts import sampling_options
 from lwm_serve.server.handlers.text_output import ChoiceDecoder
+from lwm_serve.server.handlers.video_form import read_question
+from lwm_serve.server.multipart import RequestBody
 from lwm_serve.server.media_sources import MediaSource
 from lwm_serve.server.schemas.common import dump
 from lwm_serve.server.schemas.video import (FrameInfo, MediaDetails, SamplingUsed, VideoAnswer, VideoAnswerChunk,
                                             VideoPlan, VideoPlanRequest, VideoQuestionForm, VideoUsage)
 from lwm_serve.server.streaming import SSEEvent
-from lwm_serve.server.vision import EncodedMedia, IngestEvent, MediaRequest, PlannedMedia, VisionService
+from lwm_serve.server.media_ingest import EncodedMedia, IngestEvent
+from lwm_serve.server.media_plan import MediaRequest, PlannedMedia, suggestions
+from lwm_serve.server.media_service import MediaService
 from lwm_serve.tokenizers.chat_template import PromptTokens, chat_prompt
 from lwm_serve.tokenizers.frame_sampling import estimate_timestamps
 from lwm_serve.tokenizers.text import TextTokenizer
@@ -54,19 +57,28 @@ class VideoQuestionHandler:
         limits: default completion length.
     """
 
-    def __init__(self, engine: Engine, tokenizer: TextTokenizer, model_name: str, vision: VisionService | None,
+    def __init__(self, engine: Engine, tokenizer: TextTokenizer, model_name: str, vision: MediaService | None,
                  limits: common.HandlerLimits = common.HandlerLimits()) -> None:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.vision, self.limits = vision, limits
 
-    def require_vision(self) -> VisionService:
+    def require_vision(self) -> MediaService:
         if self.vision is None:
             raise InvalidRequestError(NO_VQGAN, code="vision_unavailable")
         return self.vision
 
+    async def read(self, body: RequestBody) -> tuple[VideoQuestionForm, MediaSource | None]:
+        """The request's form and upload (`video_form.read_question`); a server without
+        a VQGAN refuses before reading a possibly huge body."""
+        return await read_question(body, self.require_vision().sources)
+
     async def answer(self, form: VideoQuestionForm,
                      upload: MediaSource | None) -> VideoAnswer | AsyncIterator[dict | SSEEvent]:
-        """Plans (4xx before anything streams), then answers or returns the SSE iterator."""
+        """Plans (4xx before anything streams), then answers or returns the SSE iterator.
+
+        The handler owns `upload`: its temp file is removed once encoded, and a kept
+        (`store=true`) upload is removed again unless the answer reaches the client.
+        """
         source = upload
         try:
             common.check_model(form.model, self.model_name)
@@ -77,18 +89,27 @@ class VideoQuestionHandler:
                     raise InvalidRequestError("send the video as 'file' (an upload), 'file_id' or 'url'",
                                               param="file")
                 source = await vision.sources.resolve(ref, param)
-            options = sampling_options(form.sampling_fields(), "")
             text_only = await asyncio.to_thread(chat_prompt, self.tokenizer, form.question)
-            request = MediaRequest(source, options.spec(), options.auto_fps, "file")
+            request = MediaRequest(source, form.spec(), form.auto_fps, "file")
             plans, _ = await vision.plan([request], text_tokens=len(text_only.ids), max_tokens=form.max_tokens)
         except BaseException:
             if source is not None:
                 source.close()
+                source.discard_unless_answered()
             raise
         if form.stream:
             return self._stream(form, source, plans)
         try:
-            encoded = await vision.encode(plans)
+            return await self._collect(form, source, plans)
+        except BaseException:  # a failure, or the client left (cancelled): keep nothing
+            source.discard_unless_answered()
+            raise
+        finally:
+            source.close()
+
+    async def _collect(self, form: VideoQuestionForm, source: MediaSource, plans: list[PlannedMedia]) -> VideoAnswer:
+        try:
+            encoded = await self.require_vision().encode(plans)
         finally:
             source.close()
         prompt = await self._prompt(form.question, encoded[0])
@@ -99,9 +120,11 @@ class VideoQuestionHandler:
                 for ev in step_events:
                     text += ev.text
                     reason = ev.finish_reason or reason
-        return VideoAnswer(id=f"vq-{rid}", created=common.now(), model=self.model_name, answer=text,
-                           finish_reason=reason or "length", usage=_usage(prompt, decoder, encoded[0]),
-                           media=_details(source, plans[0], encoded[0]))
+        answer = VideoAnswer(id=f"vq-{rid}", created=common.now(), model=self.model_name, answer=text,
+                             finish_reason=reason or "length", usage=_usage(prompt, decoder, encoded[0]),
+                             media=_details(source, plans[0], encoded[0]))
+        source.answered()  # the JSON is built; only a client gone before it is sent loses the id
+        return answer
 
     async def plan(self, body: VideoPlanRequest) -> VideoPlan:
         """The frame budget of a question about a stored file / URL, without decoding it."""
@@ -109,18 +132,16 @@ class VideoQuestionHandler:
         ref, param = (body.file_id, "file_id") if body.file_id else (body.url, "url")
         if not ref:
             raise InvalidRequestError("name the media with 'file_id' or 'url'", param="file_id")
-        raw = {"fps": body.fps, "max_frames": body.max_frames, "start": body.start, "end": body.end}
-        options = sampling_options(raw, "")
         source = await vision.sources.resolve(ref, param)
         try:
             text_only = await asyncio.to_thread(chat_prompt, self.tokenizer, body.question)
-            request = MediaRequest(source, options.spec(), False, param)
+            request = MediaRequest(source, body.spec(), False, param)
             plans, budget = await vision.estimate([request], text_tokens=len(text_only.ids),
                                                   max_tokens=body.max_tokens)
         finally:
             source.close()
         plan = plans[0]
-        frames, fps = (None, None) if budget.fits else vision.suggestions(plans, budget).get(0, (None, None))
+        frames, fps = (None, None) if budget.fits else suggestions(plans, budget).get(0, (None, None))
         return VideoPlan(kind="image" if plan.is_image else "video",
                          duration_s=plan.info.duration_s if plan.info is not None else None,
                          frames=plan.n_frames, vision_tokens=budget.vision_tokens, prompt_tokens=budget.prompt_tokens,
@@ -178,10 +199,13 @@ class VideoQuestionHandler:
                         reason = ev.finish_reason or reason
                         if ev.text:
                             yield chunk(ev.text)
-            yield chunk("", reason or "length", usage=_usage(prompt, decoder, encoded[0]),
-                        media=_details(source, plans[0], encoded[0]))
+            last = chunk("", reason or "length", usage=_usage(prompt, decoder, encoded[0]),
+                         media=_details(source, plans[0], encoded[0]))
+            yield last
+            source.answered()  # the chunk with the file id went out
         finally:
             source.close()
+            source.discard_unless_answered()
 
 
 def _planned_timestamps(plan: PlannedMedia) -> list[float] | None:

@@ -5,15 +5,14 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from lwm_serve.server.auth import require_api_key
 from lwm_serve.server.deps import get_completion_handler
 from lwm_serve.server.handlers.completions import CompletionHandler
 from lwm_serve.server.routes._docs import ERRORS
-from lwm_serve.server.schemas.common import dump
 from lwm_serve.server.schemas.completions import CompletionRequest, CompletionResponse
-from lwm_serve.server.streaming import sse_response, unless_disconnected
+from lwm_serve.server.streaming import respond
 
 router = APIRouter(tags=["completions"], dependencies=[Depends(require_api_key)])
 
@@ -25,9 +24,4 @@ router = APIRouter(tags=["completions"], dependencies=[Depends(require_api_key)]
 async def create_completion(body: CompletionRequest, request: Request,
                             handler: Annotated[CompletionHandler, Depends(get_completion_handler)]) -> Response:
     """Creates a text completion for a raw prompt (string or token ids)."""
-    if body.stream:
-        return sse_response(await handler.create(body))  # type: ignore[arg-type]
-    result = await unless_disconnected(request, handler.create(body))
-    if isinstance(result, Response):
-        return result
-    return JSONResponse(dump(result))  # type: ignore[arg-type]
+    return await respond(request, handler.create(body), body.stream)

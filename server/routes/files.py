@@ -9,29 +9,19 @@ from fastapi.responses import FileResponse
 
 from lwm_serve.server.auth import require_api_key
 from lwm_serve.server.deps import get_files_handler
-from lwm_serve.server.errors import PayloadTooLargeError
 from lwm_serve.server.handlers.files import FilesHandler
-from lwm_serve.server.multipart import MultipartReader
+from lwm_serve.server.multipart import RequestBody
 from lwm_serve.server.routes._docs import MEDIA_ERRORS
 from lwm_serve.server.schemas.files import MULTIPART_UPLOAD_DOC, FileDeleted, FileList, FileObject, ListOrder
 
 router = APIRouter(tags=["files"], dependencies=[Depends(require_api_key)], responses=MEDIA_ERRORS)
-FORM_OVERHEAD = 1 << 20  # multipart headers and small fields around the file
-
-
-def check_content_length(request: Request, max_bytes: int) -> None:
-    """Refuse at once a body that announces more than the limit allows (413)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes + FORM_OVERHEAD:
-        raise PayloadTooLargeError(f"the upload is {int(declared)} bytes; the limit is {max_bytes} bytes",
-                                   param="file")
 
 
 @router.post("/v1/files", response_model=FileObject, openapi_extra=MULTIPART_UPLOAD_DOC)
 async def upload_file(request: Request, handler: Annotated[FilesHandler, Depends(get_files_handler)]) -> FileObject:
     """Uploads a file (multipart `file` + `purpose`), streamed to disk; 413 past the size limit."""
-    check_content_length(request, handler.store.max_bytes)
-    return await handler.upload(MultipartReader(request.stream(), request.headers.get("content-type")))
+    return await handler.upload(RequestBody(request.headers.get("content-type", ""),
+                                            request.headers.get("content-length"), request.stream()))
 
 
 @router.get("/v1/files", response_model=FileList)

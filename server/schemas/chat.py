@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lwm_serve.server.schemas.common import OpenAIBaseModel, ResponseModel, StreamOptions, UsageInfo
+from lwm_serve.server.schemas.common import MAX_TOKENS, MAX_TOP_K, TOP_K_DOC, OpenAIBaseModel, ResponseModel, StreamOptions, UsageInfo
 
 FinishReason = Literal["stop", "length"]
 _OMIT_NONE = dict(default=None, exclude_if=lambda v: v is None)
@@ -36,8 +36,8 @@ class ChatCompletionRequest(OpenAIBaseModel):
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    max_tokens: int | None = Field(None, ge=1, description="deprecated alias of max_completion_tokens")
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="deprecated alias of max_completion_tokens")
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=128)
@@ -63,7 +63,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
     prediction: dict[str, Any] | None = None
     web_search_options: dict[str, Any] | None = None
     # Extras (the SDK's extra_body), as vLLM names them.
-    top_k: int | None = Field(None, ge=-1, description="extra: keep the k most likely tokens (0 or -1: off)")
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K, description=TOP_K_DOC)
     ignore_eos: bool = Field(False, description="extra: keep generating after the end-of-sequence token")
     auto_fps: bool | None = Field(None, description=(
         "extra: when the request's videos do not fit the context, sample fewer frames instead of a 400 "

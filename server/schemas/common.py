@@ -9,6 +9,14 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 logger = logging.getLogger(__name__)
 
+# Bounds of integers that reach the model's int32 arrays (checked at the schema, so a
+# 2^63 or a 400-digit number is a 400, never an overflow in a conversion).
+INT32_MAX = 2**31 - 1
+MAX_TOKENS = INT32_MAX  # any larger budget is refused by the context check anyway
+MAX_TOP_K = INT32_MAX
+TOP_K_DOC = ("extra: keep the k most likely tokens (0 or -1: off; a k at least the vocabulary size keeps "
+             f"every token, so values are capped at {MAX_TOP_K})")
+
 
 class OpenAIBaseModel(BaseModel):
     """Base of every request model: unknown fields are accepted and logged.
@@ -20,7 +28,8 @@ class OpenAIBaseModel(BaseModel):
     handlers instead (never silently ignored).
     """
 
-    model_config = ConfigDict(extra="allow")
+    # NaN and +-inf are no valid value of any field (Python's JSON parser lets them in).
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _log_extra(self) -> "OpenAIBaseModel":

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from lwm_serve.server.schemas.chat import FinishReason
-from lwm_serve.server.schemas.common import OpenAIBaseModel, ResponseModel, StreamOptions, UsageInfo
+from lwm_serve.server.schemas.common import MAX_TOKENS, MAX_TOP_K, TOP_K_DOC, OpenAIBaseModel, ResponseModel, StreamOptions, UsageInfo
 
 
 class CompletionRequest(OpenAIBaseModel):
@@ -20,7 +20,7 @@ class CompletionRequest(OpenAIBaseModel):
 
     model: str | None = None
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=128)
@@ -35,10 +35,10 @@ class CompletionRequest(OpenAIBaseModel):
     user: str | None = None
     # Real OpenAI features not implemented here: rejected by the handler.
     suffix: str | None = None
-    best_of: int | None = Field(None, ge=1)
+    best_of: int | None = Field(None, ge=1, le=128)
     logit_bias: dict[str, float] | None = None
     # Extras.
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K, description=TOP_K_DOC)
     ignore_eos: bool = False
 
     def unsupported(self) -> list[tuple[str, str]]:

@@ -6,36 +6,30 @@ from typing import Literal
 
 from pydantic import Field
 
-from lwm_serve.server.schemas.common import OpenAIBaseModel, ResponseModel
+from lwm_serve.server.schemas.common import ResponseModel
+from lwm_serve.server.schemas.common import MAX_TOKENS, MAX_TOP_K, TOP_K_DOC
+from lwm_serve.server.schemas.media import MediaSampling
+from lwm_serve.tokenizers.vision_layout import CODES_PER_FRAME, TOKENS_PER_FRAME
 
 FinishReason = Literal["stop", "length"]
 _OMIT_NONE = dict(default=None, exclude_if=lambda v: v is None)
 
 
-class VideoQuestionForm(OpenAIBaseModel):
-    """The form fields (besides the `file` upload). Sampling fields are validated by
-    `handlers.media_parts.sampling_options` (same rules as the chat part extras)."""
+class VideoQuestionForm(MediaSampling):
+    """The form fields (besides the `file` upload); the sampling options are the chat
+    parts' (`MediaSampling`), given as form strings."""
 
     question: str = Field(min_length=1, description="what to ask about the video or image")
     file_id: str | None = Field(None, description="a stored file (POST /v1/files) instead of an upload")
     url: str | None = Field(None, description="a data URL or an allowed http(s) URL instead of an upload")
     model: str | None = None
-    fps: str | None = Field(None, description="frames per second to sample")
-    max_frames: str | None = Field(None, description="most frames (uniform); default 8 when fps is not given")
-    start: str | None = Field(None, description="range start, seconds")
-    end: str | None = Field(None, description="range end, seconds")
-    auto_fps: str | None = Field(None, description="true: sample fewer frames when the video does not fit")
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K, description=TOP_K_DOC)
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stream: bool = False
     store: bool = Field(False, description="keep the upload as a file (its id is in the answer)")
-
-    def sampling_fields(self) -> dict[str, str | None]:
-        return {"fps": self.fps, "max_frames": self.max_frames, "start": self.start, "end": self.end,
-                "auto_fps": self.auto_fps}
 
 
 class FrameInfo(ResponseModel):
@@ -64,7 +58,7 @@ class VideoUsage(ResponseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    vision_tokens: int = Field(description="frames x 257 (256 VQGAN codes + a delimiter)")
+    vision_tokens: int = Field(description=f"frames x {TOKENS_PER_FRAME} ({CODES_PER_FRAME} VQGAN codes + a delimiter)")
     frames: int
 
 
@@ -92,25 +86,26 @@ class VideoAnswerChunk(ResponseModel):
     media: MediaDetails | None = Field(**_OMIT_NONE)
 
 
+def _form_schema() -> dict:
+    """The form's JSON schema (bounds included) with the upload added."""
+    schema = VideoQuestionForm.model_json_schema()
+    return {"type": "object", "required": schema.get("required", []),
+            "properties": {"file": {"type": "string", "format": "binary", "description": "the video or image"},
+                           **schema["properties"]}}
+
+
 VIDEO_QUESTION_DOC = {
-    "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": ["question"],
-        "properties": {"file": {"type": "string", "format": "binary", "description": "the video or image"},
-                       **{name: {"type": "string", "description": f.description or ""}
-                          for name, f in VideoQuestionForm.model_fields.items()}}}}}}}
+    "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _form_schema()}}}}
 
 
-class VideoPlanRequest(OpenAIBaseModel):
-    """POST /v1/video/plan: what a question about this media would cost (nothing decoded)."""
+class VideoPlanRequest(MediaSampling):
+    """POST /v1/video/plan: what a question about this media would cost (nothing decoded;
+    `auto_fps` changes nothing here: a plan that does not fit names the sampling that does)."""
 
     file_id: str | None = Field(None, description="a stored file")
     url: str | None = Field(None, description="a data URL or an allowed http(s) URL")
     question: str = Field("", description="the question (its tokens count too)")
-    fps: float | None = None
-    max_frames: int | None = None
-    start: float | None = None
-    end: float | None = None
-    max_tokens: int | None = Field(None, ge=1, description="the completion budget to leave room for")
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="the completion budget to leave room for")
 
 
 class VideoPlan(ResponseModel):

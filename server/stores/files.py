@@ -26,7 +26,6 @@ from typing import AsyncIterator, Iterable
 logger = logging.getLogger(__name__)
 
 _ID_PATTERN = re.compile(r"^file-[0-9a-f]{24}$")
-_CHUNK = 1 << 20
 
 
 class FileStoreError(Exception):
@@ -48,6 +47,65 @@ class FileTooLarge(FileStoreError):
 class EmptyFile(FileStoreError):
     def __init__(self) -> None:
         super().__init__("the uploaded file is empty")
+
+
+class _HashedFile:
+    """A file being written chunk by chunk, hashed (sha256) on the way, refused past a size."""
+
+    def __init__(self, dest: Path, max_bytes: int) -> None:
+        self.dest, self.max_bytes = dest, max_bytes
+        self.digest, self.size = hashlib.sha256(), 0
+        self.out = open(dest, "wb")
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.max_bytes:
+            raise FileTooLarge(self.max_bytes)
+        self.digest.update(chunk)
+        self.out.write(chunk)
+
+    def finish(self) -> tuple[str, int]:
+        self.out.close()
+        if self.size == 0:
+            raise EmptyFile()
+        return self.digest.hexdigest(), self.size
+
+
+def write_hashed(chunks: Iterable[bytes], dest: Path, max_bytes: int) -> tuple[str, int]:
+    """Writes `chunks` to `dest` under `max_bytes`; (sha256 hex, size). `dest` is removed on any failure.
+
+    Raises:
+        FileTooLarge: past `max_bytes` (refused as soon as it is crossed).
+        EmptyFile: no bytes at all.
+    """
+    try:
+        f = _HashedFile(dest, max_bytes)
+        try:
+            for chunk in chunks:
+                f.write(chunk)
+        finally:
+            f.out.close()
+        return f.finish()
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+
+
+async def write_hashed_async(chunks: AsyncIterator[bytes], dest: Path, max_bytes: int) -> tuple[str, int]:
+    """`write_hashed` for an async stream (an upload); disk writes run off the event loop."""
+    import asyncio
+
+    try:
+        f = await asyncio.to_thread(_HashedFile, dest, max_bytes)
+        try:
+            async for chunk in chunks:
+                await asyncio.to_thread(f.write, chunk)
+        finally:
+            await asyncio.to_thread(f.out.close)
+        return f.finish()
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
 
 
 @dataclass(frozen=True)
@@ -114,18 +172,9 @@ class FileStore:
         """Store an upload given as an iterable of byte chunks (blocking I/O)."""
         file_id = self._new_id()
         tmp = self.blobs / f"{file_id}.part"
-        digest, size = hashlib.sha256(), 0
         try:
-            with open(tmp, "wb") as out:
-                for chunk in chunks:
-                    size += len(chunk)
-                    if size > self.max_bytes:
-                        raise FileTooLarge(self.max_bytes)
-                    digest.update(chunk)
-                    out.write(chunk)
-            if size == 0:
-                raise EmptyFile()
-            return self._commit(tmp, file_id, filename, purpose, size, digest.hexdigest(), content_type)
+            sha, size = write_hashed(chunks, tmp, self.max_bytes)
+            return self._commit(tmp, file_id, filename, purpose, size, sha, content_type)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -134,25 +183,11 @@ class FileStore:
         """Store an upload arriving as async chunks; disk writes run off the event loop."""
         import asyncio
 
-        loop = asyncio.get_running_loop()
         file_id = self._new_id()
         tmp = self.blobs / f"{file_id}.part"
-        digest, size = hashlib.sha256(), 0
-        out = await loop.run_in_executor(None, open, tmp, "wb")
         try:
-            try:
-                async for chunk in chunks:
-                    size += len(chunk)
-                    if size > self.max_bytes:
-                        raise FileTooLarge(self.max_bytes)
-                    digest.update(chunk)
-                    await loop.run_in_executor(None, out.write, chunk)
-            finally:
-                await loop.run_in_executor(None, out.close)
-            if size == 0:
-                raise EmptyFile()
-            return await loop.run_in_executor(None, self._commit, tmp, file_id, filename, purpose,
-                                              size, digest.hexdigest(), content_type)
+            sha, size = await write_hashed_async(chunks, tmp, self.max_bytes)
+            return await asyncio.to_thread(self._commit, tmp, file_id, filename, purpose, size, sha, content_type)
         finally:
             tmp.unlink(missing_ok=True)
 

@@ -210,3 +210,27 @@ def test_response_format_text_is_accepted(live, client):
     r = client.chat.completions.create(model=live.model, messages=[{"role": "user", "content": "Hi"}],
                                        max_tokens=2, response_format={"type": "text"})
     assert r.choices[0].message.role == "assistant"
+
+
+def test_top_p_changes_the_output(live, client):
+    """A nucleus so small it holds one token is greedy; the full one samples (same seed)."""
+    msgs = [{"role": "user", "content": "Tell me a story"}]
+    kwargs = dict(model=live.model, messages=msgs, max_tokens=8, seed=7, extra_body={"ignore_eos": True})
+    greedy = client.chat.completions.create(temperature=0, **kwargs).choices[0].message.content
+    narrow = client.chat.completions.create(temperature=1.5, top_p=1e-6, **kwargs).choices[0].message.content
+    full = client.chat.completions.create(temperature=1.5, top_p=1.0, **kwargs).choices[0].message.content
+    assert narrow == greedy
+    assert full != greedy
+
+
+@pytest.mark.parametrize("penalty", ["frequency_penalty", "presence_penalty"])
+def test_penalties_change_the_output(live, client, fixture_runtime, penalty):
+    """Greedy text from the fixture model repeats itself; a penalty on seen tokens breaks the loop."""
+    kwargs = dict(model=live.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=16, temperature=0,
+                  logprobs=True, extra_body={"ignore_eos": True})
+    plain = client.chat.completions.create(**kwargs).choices[0]
+    penalised = client.chat.completions.create(**{penalty: 2.0}, **kwargs).choices[0]
+    tokens = lambda choice: [t.token for t in choice.logprobs.content]  # noqa: E731
+    assert len(set(tokens(plain))) < len(tokens(plain))  # the loop the penalty must break
+    assert tokens(penalised) != tokens(plain)
+    assert len(set(tokens(penalised))) > len(set(tokens(plain)))

@@ -9,11 +9,9 @@ from hypothesis import strategies as st
 
 from lwm_serve.tokenizers.frame_sampling import (
     DEFAULT_MAX_FRAMES,
-    TOKENS_PER_FRAME,
     SamplingSpec,
     estimate_n_frames,
     select_frames,
-    token_count,
     uniform_indices,
 )
 
@@ -120,9 +118,7 @@ def test_spec_keys_are_stable_and_distinct():
     assert SamplingSpec().key() == SamplingSpec(max_frames=8).key()
 
 
-def test_token_counts():
-    assert TOKENS_PER_FRAME == 257
-    assert token_count(3) == 3 * TOKENS_PER_FRAME
+def test_frame_estimates():
     assert estimate_n_frames(SamplingSpec(max_frames=None, fps=1.0), 3600 * 30, 3600.0) == 3600
     assert estimate_n_frames(SamplingSpec(), 3600 * 30, 3600.0) == 8
     assert estimate_n_frames(SamplingSpec(), 0, 0.0) == 0

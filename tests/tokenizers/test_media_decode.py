@@ -18,6 +18,7 @@ from lwm_serve.tokenizers.errors import (
     NoVideoStreamError,
     UnsupportedMediaError,
 )
+from lwm_serve.tokenizers import decode_strategies as ds
 from lwm_serve.tokenizers.frame_sampling import SamplingSpec, select_frames
 
 SPECS = [
@@ -324,7 +325,7 @@ def test_a_frame_the_decoder_never_returns_is_an_error_without_holding_the_rest(
             pulled.append(pts)
             yield pts, np.zeros((2, 2, 3), np.uint8)
 
-    frames = md._in_order(decoded(), wanted, {p: p / 100 for p in wanted}, None, "clip.mp4")
+    frames = ds.in_order(decoded(), wanted, {p: p / 100 for p in wanted}, None, "clip.mp4")
     with pytest.raises(CorruptMediaError, match=r"clip.mp4: .* of 100 frames could not be decoded \(first pts 0\)"):
         next(frames)
-    assert len(pulled) <= md._MAX_PENDING + 1 < len(wanted) - 1
+    assert len(pulled) <= ds.MAX_PENDING + 1 < len(wanted) - 1

@@ -1,5 +1,5 @@
-"""VisionService ingestion (server/vision.py) without HTTP: it runs the one pipeline,
-`vision_cache.encode_media`, with progress events, the stored sha256, O(batch)
+"""MediaService ingestion (server/media_service.py, server/media_ingest.py) without HTTP: it runs the one pipeline,
+`media_ingest.encode_media`, with progress events, the stored sha256, O(batch)
 memory, and cancellation when the client leaves."""
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 
 from lwm_serve.server.media_sources import MediaSource
-from lwm_serve.server.vision import IngestEvent, MediaRequest, VisionService
+from lwm_serve.server.media_ingest import IngestEvent
+from lwm_serve.server.media_plan import MediaRequest
+from lwm_serve.server.media_service import MediaService
+from lwm_serve.tokenizers import media_ingest
 from lwm_serve.tokenizers import vision_cache as vc
 from lwm_serve.tokenizers.frame_sampling import SamplingSpec
 
@@ -32,8 +35,8 @@ def long_clip(tmp_path_factory: pytest.TempPathFactory, media_kit) -> Path:
     return media_kit.write_video(path, 0, fps=24, frames=frames, gop=24)
 
 
-def _service(tmp_path: Path, vqgan) -> VisionService:
-    return VisionService(vqgan, FakeTokenizer(), vc.VisionCache(tmp_path / "cache"), None,  # type: ignore[arg-type]
+def _service(tmp_path: Path, vqgan) -> MediaService:
+    return MediaService(vqgan, FakeTokenizer(), vc.VisionCache(tmp_path / "cache"), None,  # type: ignore[arg-type]
                          layout="standard", context_limit=1 << 20)
 
 
@@ -42,7 +45,7 @@ def _request(path: Path, spec: SamplingSpec) -> MediaRequest:
     return MediaRequest(source=source, spec=spec, auto_fps=None, param="file")
 
 
-def _plan(service: VisionService, req: MediaRequest):
+def _plan(service: MediaService, req: MediaRequest):
     plans, _ = asyncio.run(service.plan([req], text_tokens=4, max_tokens=8))
     return plans
 
@@ -73,11 +76,11 @@ def test_ingest_reports_progress_uses_the_stored_sha256_and_shares_the_cache_key
     assert all(e.total == n and e.frames_per_s is not None for e in encode_events)
     assert any(e.stage == "decode" and e.done == e.total == n for e in events)
     assert (service.stats.cache_misses, service.stats.frames_encoded, service.stats.cache_hits) == (1, n, 0)
-    # The same key as tokenizers.vision_cache.encode_media: an offline ingest's entry is a server hit.
+    # The same key as tokenizers.media_ingest.encode_media: an offline ingest's entry is a server hit.
     key = vc.cache_key(req.source.sha256, spec, vqgan.identity)
     np.testing.assert_array_equal(service.cache.get(key), encoded.codes)
     monkeypatch.undo()
-    offline, _ = vc.encode_media(long_clip, spec, fake_vqgan(8), vc.VisionCache(tmp_path / "offline"))
+    offline, _ = media_ingest.encode_media(long_clip, spec, fake_vqgan(8), vc.VisionCache(tmp_path / "offline"))
     np.testing.assert_array_equal(offline, encoded.codes)
 
     again = _plan(service, req)
@@ -123,9 +126,37 @@ def test_a_client_leaving_stops_the_ingestion_and_stores_nothing(tmp_path, long_
 
     asyncio.run(leave())
     vqgan.release.set()  # the batch finishes; its progress event finds the request gone
-    service._executor.submit(lambda: None).result(timeout=30)  # the ingest thread is done
+    service.ingester._executor.submit(lambda: None).result(timeout=30)  # the ingest thread is done
     service.close()
     assert vqgan.batches == [4]  # no second batch was decoded or encoded
     assert max(decoded, default=0) <= 4 < N_FRAMES
     assert service.cache.size_bytes() == 0
     assert (service.stats.cache_misses, service.stats.frames_encoded) == (0, 0)
+
+
+def test_a_cut_event_stream_leaves_no_task_pending(tmp_path, long_clip, fake_vqgan):
+    """Closing `encode_events` mid-wait (a cut SSE stream) cancels what it started:
+    before, its `Queue.get` task was left pending ("Task was destroyed but it is pending")."""
+    vqgan = fake_vqgan(batch_size=4)
+    vqgan.release = threading.Event()
+    service = _service(tmp_path, vqgan)
+    plans = _plan(service, _request(long_clip, SamplingSpec(max_frames=None)))
+
+    async def cut() -> list[asyncio.Task]:
+        events = service.encode_events(plans)
+        first = await events.__anext__()
+        assert isinstance(first, IngestEvent)
+        reader = asyncio.ensure_future(events.__anext__())  # waits inside encode_events
+        await asyncio.sleep(0.05)
+        reader.cancel()  # what a client leaving does to the response task
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        await events.aclose()
+        await asyncio.sleep(0)  # let cancellations land
+        return [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+
+    pending = asyncio.run(cut())
+    vqgan.release.set()
+    service.ingester._executor.submit(lambda: None).result(timeout=30)
+    service.close()
+    assert pending == []
