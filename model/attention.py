@@ -142,11 +142,12 @@ def index_mask(q_index: jax.Array, k_index: jax.Array, k_valid: jax.Array,
 # --------------------------------------------------------------------------- the tiled kernel
 
 
-def _tile_partial(qt: jax.Array, kt: jax.Array, vt: jax.Array, mask: jax.Array) -> Partial:
+def _tile_partial(qt: jax.Array, kt: jax.Array, vt: jax.Array, mask: jax.Array | None) -> Partial:
     """Partial of one (query tile x key tile), all head-major. The one softmax of this module.
 
     Args:
-      qt: [B, K, G, Tq, D]; kt, vt: [B, K, Tk, D]; mask: [B, Tq, Tk] bool.
+      qt: [B, K, G, Tq, D]; kt, vt: [B, K, Tk, D]; mask: [B, Tq, Tk] bool, or
+        None for a tile known to be fully visible (no select pass over the scores).
     Returns:
       Partial with out [B, K, G, Tq, D] and max/sum [B, K, G, Tq], fp32.
     Inputs keep their dtype and the matmuls accumulate in fp32
@@ -156,7 +157,8 @@ def _tile_partial(qt: jax.Array, kt: jax.Array, vt: jax.Array, mask: jax.Array) 
     d = qt.shape[-1]
     scores = jnp.einsum("bkgqd,bksd->bkgqs", qt, kt, preferred_element_type=jnp.float32)
     scores = scores / jnp.sqrt(jnp.float32(d))
-    scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+    if mask is not None:
+        scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
     block_max = jnp.max(scores, axis=-1)
     weights = jnp.exp(scores - block_max[..., None])
     out = jnp.einsum("bkgqs,bksd->bkgqd", weights, vt.astype(jnp.float32),
@@ -297,6 +299,13 @@ def blockwise_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Arr
     big = jnp.iinfo(jnp.int32).max
     k_min = jnp.min(jnp.where(k_ok, k_index[:, k_cols], big), axis=-1)     # [B, nk]
     needed = jnp.any(k_min[:, None, :] <= q_max[:, :, None], axis=0)       # [nq, nk]
+    # Fully visible tiles (every key valid and before every query, no segments)
+    # skip the mask: on CPU the select is one of four passes over the scores.
+    q_min = jnp.min(q_index[:, q_rows], axis=-1)                           # [B, nq]
+    k_max = jnp.max(jnp.where(k_ok, k_index[:, k_cols], -big), axis=-1)    # [B, nk]
+    k_full = jnp.all(k_ok, axis=-1)  # [B, nk]; a clamped last tile is never full (overlap masked)
+    visible = jnp.all(k_full[:, None, :] & (k_max[:, None, :] <= q_min[:, :, None]), axis=0)
+    visible &= not use_seg
     order = jnp.argsort(~needed, axis=1, stable=True).astype(jnp.int32)   # needed blocks first
     count = jnp.sum(needed, axis=1, dtype=jnp.int32)
 
@@ -317,8 +326,11 @@ def blockwise_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Arr
             ki = _slice(k_index, ks, kb, 1)
             kv = _slice(k_valid, ks, kb, 1) & (ks + jnp.arange(kb) >= k_first[j])[None]
             kseg = _slice(k_segment, ks, kb, 1) if use_seg else None
-            mask = index_mask(qi, ki, kv, qseg, kseg)
-            return merge(acc, _tile_partial(qt, _slice(k, ks, kb, 2), _slice(v, ks, kb, 2), mask))
+            kt, vt = _slice(k, ks, kb, 2), _slice(v, ks, kb, 2)
+            part = jax.lax.cond(
+                visible[i, j], lambda: _tile_partial(qt, kt, vt, None),
+                lambda: _tile_partial(qt, kt, vt, index_mask(qi, ki, kv, qseg, kseg)))
+            return merge(acc, part)
 
         acc = jax.lax.fori_loop(0, count[i], key_tile, empty)
         put = lambda whole, part: jax.lax.dynamic_update_slice_in_dim(whole, part, qs, 3)  # noqa: E731
