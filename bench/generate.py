@@ -25,6 +25,7 @@ under the two roofs measured in this run; `--reference-prefill LEN=SECONDS`
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -73,13 +74,13 @@ def decode_flops(cfg, slots: int, batch: int) -> float:
 
 
 def run_one(gen: Generator, prompt_len: int, batch: int, new_tokens: int,
-            repeats: int) -> tuple[float, float, float]:
-    """(wall seconds to first token, CPU seconds of it, decode tokens/s over all rows),
-    best of `repeats` runs after one that compiles."""
+            repeats: int) -> tuple[float, float, float, float]:
+    """(wall seconds to first token, CPU seconds of it, decode tokens/s over all rows,
+    decode tokens per CPU-second), best of `repeats` runs after one that compiles."""
     rng = np.random.default_rng(0)
     rows = [PromptRow([1] + rng.integers(3, gen.cfg.vocab_size, prompt_len - 1).tolist())
             for _ in range(batch)]
-    best_ttft, best_cpu, best_rate = float("inf"), float("inf"), 0.0
+    best = [float("inf"), float("inf"), 0.0, 0.0]
     for attempt in range(repeats + 1):  # the first run compiles
         c0, t0 = time.process_time(), time.perf_counter()
         stream = gen.stream(rows, SamplingParams(temperature=0), max_new_tokens=new_tokens, key=seed_key(0))
@@ -88,13 +89,14 @@ def run_one(gen: Generator, prompt_len: int, batch: int, new_tokens: int,
         n = 1
         for _ in stream:
             n += 1
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         if attempt == 0:
             continue
-        best_ttft, best_cpu = min(best_ttft, t1 - t0), min(best_cpu, c1 - c0)
+        best[0], best[1] = min(best[0], t1 - t0), min(best[1], c1 - c0)
         if n > 1:
-            best_rate = max(best_rate, (n - 1) * batch / (t2 - t1))
-    return best_ttft, best_cpu, best_rate
+            best[2] = max(best[2], (n - 1) * batch / (t2 - t1))
+            best[3] = max(best[3], (n - 1) * batch / max(c2 - c1, 1e-9))
+    return best[0], best[1], best[2], best[3]
 
 
 def _pairs(items: list[str]) -> dict[int, float]:
@@ -103,6 +105,58 @@ def _pairs(items: list[str]) -> dict[int, float]:
         key, _, value = item.partition("=")
         out[int(key)] = float(value)
     return out
+
+
+def draw(record: dict, path: str, clock: str, reference_prefill: dict[int, float],
+         reference_decode: dict[int, float]) -> None:
+    """The roofline of one run's JSON record (this script's last output line).
+
+    clock "cpu": CPU seconds against the roofs measured in CPU seconds (what a
+    shared CPU host can show honestly); "wall": wall clock against wall roofs.
+    The reference's figures are wall-clock seconds of the original code.
+    """
+    results = record["results"]
+    model, dtype = results[0]["model"], results[0]["dtype"]
+    cfg = model_config.from_preset(model, dtype=dtype, param_dtype=dtype)
+    itemsize = np.dtype(jax.numpy.dtype(dtype)).itemsize
+    cpu = clock == "cpu"
+    peak = (record["matmul_peak_flops_per_cpu_s"] if cpu else record["matmul_peak_flops"])[dtype]
+    bandwidth = record.get("memory_bandwidth_Bps_per_cpu_s") if cpu else None
+    bandwidth = bandwidth or record["memory_bandwidth_Bps"]
+    points = []
+    for r in results:
+        if (r["model"], r["dtype"]) != (model, dtype):
+            continue
+        b, prompt = r["batch"], r["prompt"]
+        padded = r.get("padded_prompt", prompt)
+        flops = b * prefill_flops(cfg, padded)
+        seconds = r["ttft_cpu_s"] if cpu else r["ttft_s"]
+        points.append(dict(kind=f"prefill b{b}", label=f"{prompt // 1024}K" if prompt >= 1024 else f"{prompt}",
+                           intensity=flops / prefill_bytes(cfg, padded, b, itemsize), flops_per_s=flops / seconds))
+        rate = r.get("decode_tok_per_cpu_s") if cpu else r["decode_tok_s"]
+        if rate:
+            slots = prompt + record.get("new_tokens", 32) // 2
+            dflops = decode_flops(cfg, slots, b)
+            points.append(dict(kind=f"decode b{b}", label=f"{prompt}", intensity=dflops / r["decode_step_bytes"],
+                               flops_per_s=dflops * rate / b))
+    reference = []
+    if cpu and (reference_prefill or reference_decode):
+        print("the reference's figures are wall-clock seconds from another day: drawn with --clock wall only")
+        reference_prefill, reference_decode = {}, {}
+    for length, seconds in reference_prefill.items():
+        f = prefill_flops(cfg, length)
+        reference.append(dict(kind="prefill b1", label=f"{length}", flops_per_s=f / seconds,
+                              intensity=f / prefill_bytes(cfg, length, 1, itemsize)))
+    for length, tok_s in reference_decode.items():
+        moved = weight_bytes_per_step(cfg, itemsize) + kv_bytes_per_step(cfg, length, 1, itemsize)
+        f = decode_flops(cfg, length, 1)
+        reference.append(dict(kind="decode b1", label=f"{length}", flops_per_s=f * tok_s, intensity=f / moved))
+    how = ("FLOPs per CPU-second against roofs measured in CPU seconds in the same run (shared host)"
+           if cpu else "wall clock, roofs measured in the same run")
+    roofline.plot_roofline(path, points, peak_flops=peak, bandwidth=bandwidth, reference=reference,
+                           title=f"{model} {dtype} on {record['device']}, {record['git']}: {how}; "
+                                 "% of the roof under each point" + ("; hollow: the original LWM code" if reference else ""))
+    print(f"roofline plot written to {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -117,14 +171,23 @@ def main(argv: list[str] | None = None) -> None:
                     help="tokens per prefill step; 0: model.chunking.choose_prefill_chunk")
     ap.add_argument("--quick", action="store_true", help="prompts 512 only")
     ap.add_argument("--plot", metavar="FILE.png", help="draw the roofline (needs the `bench` extra)")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                    help="the plot's clock (default: cpu on a CPU backend, wall on an accelerator)")
+    ap.add_argument("--from-json", metavar="FILE", help="no measuring: plot the JSON line of an earlier run")
     ap.add_argument("--reference-prefill", nargs="*", default=[], metavar="LEN=SECONDS",
                     help="the reference's time to first token per prompt length (batch 1), for the plot")
     ap.add_argument("--reference-decode", nargs="*", default=[], metavar="LEN=TOK_PER_S",
                     help="the reference's batch-1 decode tokens/s per prompt length, for the plot")
     args = ap.parse_args(argv)
+    clock = args.clock or ("cpu" if jax.devices()[0].platform == "cpu" else "wall")
+    refs = (_pairs(args.reference_prefill), _pairs(args.reference_decode))
+    if args.from_json:
+        lines = [ln for ln in Path(args.from_json).read_text().splitlines() if ln.startswith("{")]
+        draw(json.loads(lines[-1]), args.plot or "roofline.png", clock, *refs)
+        return
     prompts = [512] if args.quick else args.prompts
 
-    bandwidth = roofline.memory_bandwidth()
+    bandwidth, cpu_bandwidth = roofline.memory_bandwidth(), roofline.memory_bandwidth_cpu_time()
     peaks = {d: roofline.matmul_peak(dtype=d) for d in args.dtypes}
     cpu_peaks = {d: roofline.matmul_peak_cpu_time(dtype=d) for d in args.dtypes}
     print(f"device {roofline.device_description()}: memory bandwidth {bandwidth / 1e9:.1f} GB/s, "
@@ -134,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{'roof':>8}{'wall':>6}{'cpu':>6} | {'decode tok/s':>13}{'roof':>8}{'ratio':>6}")
     print(header)
     print("-" * len(header))
-    results, points = [], []
+    results = []
     for preset in args.presets:
         for dtype in args.dtypes:
             cfg = model_config.from_preset(preset, dtype=dtype, param_dtype=dtype,
@@ -145,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
             itemsize = np.dtype(jax.numpy.dtype(dtype)).itemsize
             runs = [(1, p) for p in prompts] + [(args.batch, 512)]
             for batch, prompt in runs:
-                ttft, cpu_s, rate = run_one(gen, prompt, batch, args.new_tokens, args.repeats)
+                ttft, cpu_s, rate, cpu_rate = run_one(gen, prompt, batch, args.new_tokens, args.repeats)
                 padded = gen._prompt_bucket(prompt)  # noqa: SLF001 (what the generator prefills)
                 flops = batch * prefill_flops(cfg, padded)
                 prefill_rate = batch * prompt / ttft
@@ -154,48 +217,24 @@ def main(argv: list[str] | None = None) -> None:
                 slots = prompt + args.new_tokens // 2
                 step_bytes = weight_bytes_per_step(cfg, itemsize) + kv_bytes_per_step(cfg, slots, batch, itemsize)
                 decode_roof = batch * bandwidth / step_bytes
-                rec = dict(model=preset, dtype=dtype, batch=batch, prompt=prompt, prefill_chunk=min(chunk, padded),
-                           ttft_s=ttft, ttft_cpu_s=cpu_s, prefill_tok_s=prefill_rate,
-                           prefill_roof_tok_s=prefill_roof, prefill_share_wall=wall_share,
-                           prefill_share_cpu=cpu_share, decode_tok_s=rate, decode_roof_tok_s=decode_roof,
-                           decode_step_bytes=step_bytes)
-                results.append(rec)
+                results.append(dict(
+                    model=preset, dtype=dtype, batch=batch, prompt=prompt, padded_prompt=padded,
+                    prefill_chunk=min(chunk, padded), ttft_s=ttft, ttft_cpu_s=cpu_s, prefill_tok_s=prefill_rate,
+                    prefill_roof_tok_s=prefill_roof, prefill_share_wall=wall_share, prefill_share_cpu=cpu_share,
+                    decode_tok_s=rate, decode_tok_per_cpu_s=cpu_rate, decode_roof_tok_s=decode_roof,
+                    decode_step_bytes=step_bytes))
                 print(f"{preset:<11}{dtype:<9}{batch:>5}{prompt:>7}{min(chunk, padded):>6} | {ttft:>8.3f}"
                       f"{prefill_rate:>14.0f}{prefill_roof:>8.0f}{wall_share:>6.2f}{cpu_share:>6.2f} | "
                       f"{rate:>13.1f}{decode_roof:>8.1f}{rate / decode_roof:>6.2f}")
                 sys.stdout.flush()
-                tag = f"{preset} {dtype}"
-                points.append(dict(kind=f"prefill b{batch}", label=f"{prompt // 1024 or prompt}{'K' if prompt >= 1024 else ''}",
-                                   intensity=flops / prefill_bytes(cfg, padded, batch, itemsize),
-                                   flops_per_s=flops / ttft, model=tag))
-                if rate:
-                    dflops = decode_flops(cfg, slots, batch)
-                    points.append(dict(kind=f"decode b{batch}", label=f"{prompt}", model=tag,
-                                       intensity=dflops / step_bytes, flops_per_s=dflops * rate / batch))
-            if args.plot and preset == args.presets[-1] and dtype == args.dtypes[0]:
-                plot_cfg, plot_itemsize = cfg, itemsize
             del gen, params
-    roofline.print_json_line(dict(bench="generate", device=roofline.device_description(),
-                                  git=roofline.git_sha(), memory_bandwidth_Bps=bandwidth,
-                                  matmul_peak_flops=peaks, matmul_peak_flops_per_cpu_s=cpu_peaks,
-                                  results=results))
+    record = dict(bench="generate", device=roofline.device_description(), git=roofline.git_sha(),
+                  memory_bandwidth_Bps=bandwidth, memory_bandwidth_Bps_per_cpu_s=cpu_bandwidth,
+                  matmul_peak_flops=peaks, matmul_peak_flops_per_cpu_s=cpu_peaks,
+                  new_tokens=args.new_tokens, results=results)
+    roofline.print_json_line(record)
     if args.plot:
-        tag = f"{args.presets[-1]} {args.dtypes[0]}"
-        reference = []
-        for length, seconds in _pairs(args.reference_prefill).items():
-            f = prefill_flops(plot_cfg, length)
-            reference.append(dict(kind="prefill b1", label=f"{length}", flops_per_s=f / seconds,
-                                  intensity=f / prefill_bytes(plot_cfg, length, 1, plot_itemsize)))
-        for length, tok_s in _pairs(args.reference_decode).items():
-            b = weight_bytes_per_step(plot_cfg, plot_itemsize) + kv_bytes_per_step(plot_cfg, length, 1, plot_itemsize)
-            f = decode_flops(plot_cfg, length, 1)
-            reference.append(dict(kind="decode b1", label=f"{length}", flops_per_s=f * tok_s, intensity=f / b))
-        roofline.plot_roofline(
-            args.plot, [p for p in points if p["model"] == tag], peak_flops=peaks[args.dtypes[0]],
-            bandwidth=bandwidth, reference=reference,
-            title=f"{tag} on {roofline.device_description()}, {roofline.git_sha()}: wall clock, roofs measured "
-                  "in the same run (shares in % of the roof under each point)")
-        print(f"roofline plot written to {args.plot}")
+        draw(record, args.plot, clock, *refs)
 
 
 if __name__ == "__main__":

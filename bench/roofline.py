@@ -54,6 +54,12 @@ def _best_cpu_time(fn, *args, repeats: int = 5) -> float:
     return best
 
 
+def memory_bandwidth_cpu_time(nbytes: int = 1 << 30) -> float:
+    """Bytes per CPU second (all threads) streamed by a reduction (see `matmul_peak_cpu_time`)."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    return nbytes / _best_cpu_time(jax.jit(jnp.sum), x)
+
+
 def matmul_peak_cpu_time(n: int = 2048, dtype: str = "float32") -> float:
     """FLOPs per CPU second (all threads) of an n x n x n matmul.
 
@@ -102,6 +108,8 @@ def plot_roofline(path: str, points: list[dict], *, peak_flops: float, bandwidth
         import matplotlib.pyplot as plt
     except ImportError as e:  # bench-only dependency
         raise SystemExit("--plot needs matplotlib: pip install -e '.[bench]'") from e
+    import textwrap
+
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     every = [p["intensity"] for p in points + (reference or [])]
     lo, hi = min(every + [1.0]) / 3, max(every + [peak_flops / bandwidth]) * 3
@@ -127,7 +135,9 @@ def plot_roofline(path: str, points: list[dict], *, peak_flops: float, bandwidth
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP per byte of weights, KV cache and activations moved)")
     ax.set_ylabel("achieved FLOP/s")
-    ax.set_title(title, fontsize=10)
+    ys = [p["flops_per_s"] for p in points + (reference or [])]
+    ax.set_ylim(min(ys + [peak_flops]) / 2, peak_flops * 2)
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=9)
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

@@ -33,8 +33,12 @@ with nothing valid for the first S/sp tokens). Causal masks use GLOBAL
 positions/slots, so the layout never changes a result.
 
 Lengths that do not divide `sp` are left-padded with masked tokens (left, so
-the last real token stays last after striping); lengths that do not divide the
-query/key blocks are padded inside `attention.blockwise_partial`.
+the last real token stays last after striping); tiles are chosen per local
+shape by `attention.choose_tiles`, and `attention.blockwise_partial` clamps a
+ragged last tile instead of padding (nothing of size chunk or cache is copied).
+Per ring step, the tiles a device computes are the ones its striped block pair
+leaves visible; the rest are skipped by the kernel's table, so the ring does the
+single-device kernel's work in sp pieces (bench/ring.py compares the two).
 
 The cache made by `sharding.init_sharded_cache` is in the striped layout
 (physical index j on shard d holds slot (j - d * S/sp) * sp + d); `valid` is
@@ -272,7 +276,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array,
     return fn(q, k, v, q_index, k_index, k_valid, q_segment, k_segment)
 
 
-def _prefill_op(mesh: Mesh, cfg: ModelConfig, slots: jax.Array, tok_valid: jax.Array,
+def _prefill_op(mesh: Mesh, slots: jax.Array, tok_valid: jax.Array,
                 cache_valid: jax.Array) -> transformer.LayerAttentionFn:
     sp = mesh.shape[SP]
 
@@ -288,7 +292,7 @@ def _prefill_op(mesh: Mesh, cfg: ModelConfig, slots: jax.Array, tok_valid: jax.A
     return op
 
 
-def _decode_op(mesh: Mesh, cfg: ModelConfig, slots: jax.Array,
+def _decode_op(mesh: Mesh, slots: jax.Array,
                cache_valid: jax.Array) -> transformer.LayerAttentionFn:
     sp = mesh.shape[SP]
 
@@ -381,12 +385,12 @@ def forward_cached(params: Params, cfg: ModelConfig, mesh: Mesh, tokens: jax.Arr
     decode = t == 1
     if decode:
         pad = 0
-        op = _decode_op(mesh, cfg, slots, new_valid)
+        op = _decode_op(mesh, slots, new_valid)
         inputs = (tokens, vision_mask, positions, tok_valid)
     else:
         pad = -t % sp
         prep = lambda x, value: stripe(_left_pad(x, pad, value), sp)  # noqa: E731
-        op = _prefill_op(mesh, cfg, prep(slots, -1), prep(tok_valid, False), cache.valid)
+        op = _prefill_op(mesh, prep(slots, -1), prep(tok_valid, False), cache.valid)
         inputs = (prep(tokens, 0), prep(vision_mask, False), prep(positions, 0), prep(tok_valid, False))
     with sharding.use_mesh(mesh):
         out = transformer.forward(params, cfg, inputs[0], inputs[1], inputs[2],
