@@ -124,7 +124,7 @@ def main() -> None:
     budget = planner.parse_bytes(args.device_memory)
     params = params_lib.init_params(CFG, jax.random.PRNGKey(0))
     roof, cpu_roof = roofline.matmul_peak(), roofline.matmul_peak_cpu_time()
-    bandwidth = roofline.memory_bandwidth()
+    bandwidth, cpu_bandwidth = roofline.memory_bandwidth(), roofline.memory_bandwidth_cpu_time()
     rows, dense_fits = [], True
     t = 4096
     while t <= args.max_length:
@@ -196,19 +196,25 @@ def main() -> None:
                                       heads=CFG.num_attention_heads, tiles="attention.choose_tiles per shape"),
                           largest_fitting_length=largest, rows=rows)))
     if args.plot:
+        # CPU seconds on a CPU backend (the simulated devices share a loaded host), else wall.
+        cpu = jax.devices()[0].platform == "cpu"
         points = []
         for r in rows:
             if not r["tps"]:
                 continue
+            rate = r["cpu_tps"] if cpu else r["tps"]
             flops = prefill_flops_per_token(r["length"]) * r["length"]
             moved = 2 * 2 * CFG.num_hidden_layers * r["length"] * CFG.hidden_size * 4 + weight_bytes()
             kind = "single device" if r["path"] == "dense" else f"ring sp={r['sp']}"
             points.append(dict(kind=kind, label=f"{r['length'] // 1024}K", intensity=flops / moved,
-                               flops_per_s=flops * r["tps"] / r["length"]))
-        roofline.plot_roofline(args.plot, points, peak_flops=roof, bandwidth=bandwidth,
+                               flops_per_s=flops * rate / r["length"]))
+        roofline.plot_roofline(args.plot, points, peak_flops=cpu_roof if cpu else roof,
+                               bandwidth=cpu_bandwidth if cpu else bandwidth,
                                title=f"RingAttention prefill, hidden {CFG.hidden_size} x {CFG.num_hidden_layers}, "
                                      f"fp32, {jax.device_count()} simulated devices on {os.cpu_count()} cores, "
-                                     f"{git_sha()}: wall clock, roofs measured in the same run")
+                                     f"{git_sha()}: " + ("FLOPs per CPU-second against roofs measured in CPU seconds"
+                                                           if cpu else "wall clock against roofs measured")
+                                     + " in the same run; % of the roof under each point")
         print(f"roofline plot written to {args.plot}")
 
 

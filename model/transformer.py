@@ -166,7 +166,9 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, vision_mask: ja
       heads: which logits to compute.
       last_only: compute logits for the last position only ([B, 1, V]).
       output_hidden_states: also return each layer's input and the ln_f output.
-      attention_fn: the cache-less attention over a materialised mask.
+      attention_fn: the cache-less attention over a materialised mask; the
+        default (`attention.dense_attention`) is run by the tiled kernel from
+        indices instead (same math, no [B, T, T] mask or scores).
       layer_attention: replaces the cache write + attention of every layer; the
         returned cache then carries the new k/v but the input's `valid`/`index`
         (the override's caller keeps that bookkeeping, in its own layout).
