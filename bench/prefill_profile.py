@@ -11,7 +11,11 @@ timed (bench-150m, fp32, random weights) and split by ablation into
   one and blocked on (dispatch, argument transfer, what async dispatch hides);
 and the compiled step's optimized HLO is read for its layout work: the bytes
 written by `copy` / `transpose` ops (XLA's own dump, `compiled.as_text()`),
-next to XLA's FLOP count (`cost_analysis`). Everything is printed next to the
+next to XLA's FLOP count (`cost_analysis`). With `--sampled`, long prompts are measured without running them whole: the
+chunk steps at a few cache fill levels (0, the middle, the end; a step's cost
+is linear in the tokens before it) are timed on a cache positioned there, and
+the prompt's cost is the sum over its chunks of the interpolated step cost.
+Everything is printed next to the
 matmul roof measured in the same run, all in CPU seconds (see `best_of`).
 """
 
@@ -63,20 +67,66 @@ def best_of(fn, repeats: int) -> float:
     return best
 
 
+def sampled(cfg, params, length: int, chunk: int, peak: float, repeats: int) -> None:
+    """One prompt's prefill CPU seconds from 3 chunk steps (see the module notes)."""
+    import dataclasses
+
+    cache_len = length + 128
+    n_chunks = length // chunk
+    fills = sorted({0, (n_chunks // 2) * chunk, (n_chunks - 1) * chunk})
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (1, chunk)), jnp.int32)
+    empty = init_cache(cfg, 1, cache_len)
+    compiled = steps.prefill_chunk.lower(params, cfg, ids, jnp.zeros((1, chunk), bool),
+                                         jnp.ones((1, chunk), jnp.int32), jnp.arange(chunk)[None], empty,
+                                         "text").compile()
+    costs = []
+    for fill in fills:
+        pos = jnp.arange(fill, fill + chunk, dtype=jnp.int32)[None]
+
+        def one():
+            cache = init_cache(cfg, 1, cache_len)
+            cache = dataclasses.replace(cache, valid=jnp.arange(cache_len)[None] < fill,
+                                        index=jnp.full((1,), fill, jnp.int32))
+            jax.block_until_ready(cache)
+            t0 = time.process_time()
+            jax.block_until_ready(compiled(params, ids, jnp.zeros((1, chunk), bool),
+                                           jnp.ones((1, chunk), jnp.int32), pos, cache))
+            return time.process_time() - t0
+
+        one()
+        costs.append(min(one() for _ in range(repeats)))
+    total = float(sum(np.interp(c * chunk, fills, costs) for c in range(n_chunks)))
+    h, m = cfg.hidden_size, cfg.intermediate_size
+    flops = (length * 2 * cfg.num_hidden_layers * (4 * h * h + 3 * h * m)
+             + 2 * 2 * cfg.num_hidden_layers * h * length * length / 2 + n_chunks * 2 * h * cfg.vocab_size)
+    print(f"{length:>7}{chunk:>7} | {total:>8.1f}{flops / total / peak:>7.2f} | "
+          + " / ".join(f"{c:.3f}" for c in costs))
+    sys.stdout.flush()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="bench-150m")
     ap.add_argument("--lengths", nargs="+", type=int, default=[512, 2048, 8192])
     ap.add_argument("--chunks", nargs="+", type=int, default=[512, 2048, 8192])
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--sampled", action="store_true",
+                    help="per length: 3 chunk steps on a positioned cache, interpolated (long prompts)")
     args = ap.parse_args(argv)
     peak = roofline.matmul_peak_cpu_time()
     cfg = model_config.from_preset(args.preset, max_sequence_length=max(args.lengths) + 128)
     params, cfg = unstack_layers(init_params(cfg, jax.random.PRNGKey(0)), cfg)
     print(f"device {roofline.device_description()}: matmul fp32 {peak / 1e9:.0f} GFLOP/s; {args.preset}")
-    print(f"{'length':>7}{'chunk':>7} | {'wall s':>8}{'share':>7} | {'attn s':>8}{'rest s':>8}{'host s':>8}"
-          f" | {'attn %':>7}{'attn share':>11}{'rest share':>11} | {'copy MB':>8}{'XLA GFLOP':>10}")
     rng = np.random.default_rng(0)
+    if args.sampled:
+        print(f"{'length':>7}{'chunk':>7} | {'CPU s':>8}{'share':>7} | step CPU s at cache fill 0 / mid / end")
+        for length in args.lengths:
+            for chunk in args.chunks:
+                if chunk <= length:
+                    sampled(cfg, params, length, chunk, peak, args.repeats)
+        return
+    print(f"{'length':>7}{'chunk':>7} | {'CPU s':>8}{'share':>7} | {'attn s':>8}{'rest s':>8}{'host s':>8}"
+          f" | {'attn %':>7}{'attn share':>11}{'rest share':>11} | {'copy MB':>8}{'XLA GFLOP':>10}")
     for length in args.lengths:
         for chunk in args.chunks:
             if chunk > length:
