@@ -16,6 +16,28 @@ token-major [B, S, K, D] (fresh projections) and head-major [B, K, S, D] (the
 KV cache). The block kernels take head-major k/v: the score and value matmuls
 then batch over (B, K) with S and D contiguous, which XLA runs without
 transposing the cache (5-11x faster decode attention on CPU than token-major).
+
+Where prefill time goes (bench/prefill_profile.py, bench-150m fp32 on the
+2-core CPU host, CPU seconds against the matmul roof measured in CPU seconds in
+the same run; the host was shared, load 10-14, so wall clocks were useless):
+
+* projections + MLP + head run at the roof (0.86-1.00 of it) for any chunk of
+  >= 512 tokens; they are 87% of the time at 512 tokens, 73-76% at 2048.
+* attention is the rest and grows linearly per token; its cost per FLOP is
+  what decides the long-prompt share. Before this kernel (one `lax.cond` per
+  128 x 128 tile over a [nk, B, K, 128, D] copy of the whole cache made per
+  layer and chunk, queries transposed per tile) it ran at 0.52 of the roof at
+  4K tokens; the tiled kernel below runs at 0.57-0.64 on the same shapes
+  (A/B in one process), 0.60 at 2K. What is left is the CPU's elementwise work
+  per score (max, exp, sum: one score costs 4 * D = 256 matmul FLOPs at D = 64
+  but also an exp), visible in XLA's optimized HLO as four passes over each
+  fp32 score tile around the two dots (the `select` pass is gone for tiles
+  that need no mask).
+* layout copies: the optimized HLO of a 512-token step copies/transposes
+  ~0.3 GB (the per-layer query and output transposes to and from head-major,
+  the k/v transposes of the cache write: O(T * H) each, a few % of the step);
+  no copy of the cache is left.
+* the host (dispatch between chunk steps) is under 5% of the CPU time.
 """
 
 from __future__ import annotations
@@ -54,33 +76,6 @@ def key_mask(k_valid: jax.Array, num_queries: int) -> jax.Array:
 def head_major(x: jax.Array) -> jax.Array:
     """[B, S, K, D] (token-major) <-> [B, K, S, D] (head-major)."""
     return jnp.swapaxes(x, 1, 2)
-
-
-def attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> Partial:
-    """Partial attention of all queries over one block of keys.
-
-    Args:
-      q: [B, T, N, D]; k, v: [B, K, S, D] (head-major); mask: [B, T, S] bool.
-    Returns:
-      Partial with fp32 accumulators.
-    """
-    b, t, n, d = q.shape
-    kv_heads = k.shape[1]
-    groups = n // kv_heads
-    # [B, K, G*T, D]: queries grouped by the key/value head they share.
-    qg = q.astype(jnp.float32).reshape(b, t, kv_heads, groups, d).transpose(0, 2, 3, 1, 4)
-    qg = qg.reshape(b, kv_heads, groups * t, d)
-    # [B, K, G*T, S]
-    scores = jnp.einsum("bkqd,bksd->bkqs", qg, k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(d))
-    scores = scores.reshape(b, kv_heads, groups, t, -1)
-    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
-    block_max = jnp.max(scores, axis=-1)  # [B, K, G, T]
-    weights = jnp.exp(scores - block_max[..., None])
-    block_sum = jnp.sum(weights, axis=-1)
-    out = jnp.einsum("bkqs,bksd->bkqd", weights.reshape(b, kv_heads, groups * t, -1), v.astype(jnp.float32))
-    out = out.reshape(b, kv_heads, groups, t, d).transpose(0, 3, 1, 2, 4)  # [B, T, K, G, D]
-    to_btn = lambda x: jnp.moveaxis(x, 3, 1).reshape(b, t, n)  # noqa: E731  [B,K,G,T] -> [B,T,N]
-    return Partial(out.reshape(b, t, n, d), to_btn(block_max), to_btn(block_sum))
 
 
 def merge(a: Partial, b: Partial) -> Partial:
@@ -166,72 +161,204 @@ def index_mask(q_index: jax.Array, k_index: jax.Array, k_valid: jax.Array,
     return mask
 
 
-def _pad_axis1(x: jax.Array | None, length: int, value) -> jax.Array | None:
-    if x is None or x.shape[1] == length:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[1] = (0, length - x.shape[1])
-    return jnp.pad(x, pad, constant_values=value)
+# --------------------------------------------------------------------------- the tiled kernel
+
+
+def _tile_partial(qt: jax.Array, kt: jax.Array, vt: jax.Array, mask: jax.Array | None) -> Partial:
+    """Partial of one (query tile x key tile), all head-major. The one softmax of this module.
+
+    Args:
+      qt: [B, K, G, Tq, D]; kt, vt: [B, K, Tk, D]; mask: [B, Tq, Tk] bool, or
+        None for a tile known to be fully visible (no select pass over the scores).
+    Returns:
+      Partial with out [B, K, G, Tq, D] and max/sum [B, K, G, Tq], fp32.
+    Inputs keep their dtype and the matmuls accumulate in fp32
+    (`preferred_element_type`): a bf16 x bf16 product is exact in fp32, so this
+    equals upcasting first, without an fp32 copy of the tiles.
+    """
+    d = qt.shape[-1]
+    scores = jnp.einsum("bkgqd,bksd->bkgqs", qt, kt, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(d))
+    if mask is not None:
+        scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+    block_max = jnp.max(scores, axis=-1)
+    weights = jnp.exp(scores - block_max[..., None])
+    out = jnp.einsum("bkgqs,bksd->bkgqd", weights, vt.astype(jnp.float32),
+                     preferred_element_type=jnp.float32)
+    return Partial(out, block_max, jnp.sum(weights, axis=-1))
+
+
+def _grouped(q: jax.Array, kv_heads: int) -> jax.Array:
+    """[B, T, N, D] -> [B, K, G, T, D]: queries grouped by the key/value head they share."""
+    b, t, n, d = q.shape
+    return q.reshape(b, t, kv_heads, n // kv_heads, d).transpose(0, 2, 3, 1, 4)
+
+
+def _token_major(p: Partial) -> Partial:
+    """Head-major partial [B, K, G, T, ...] -> the module's [B, T, N, ...] layout."""
+    b, kh, g, t = p.max.shape
+    return Partial(p.out.transpose(0, 3, 1, 2, 4).reshape(b, t, kh * g, -1),
+                   p.max.transpose(0, 3, 1, 2).reshape(b, t, kh * g),
+                   p.sum.transpose(0, 3, 1, 2).reshape(b, t, kh * g))
+
+
+def attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> Partial:
+    """Partial attention of all queries over one block of keys (the plain dot-product path).
+
+    Args:
+      q: [B, T, N, D]; k, v: [B, K, S, D] (head-major); mask: [B, T, S] bool.
+    Returns:
+      Partial with fp32 accumulators.
+    """
+    return _token_major(_tile_partial(_grouped(q, k.shape[1]), k, v, mask))
+
+
+class Tiles(NamedTuple):
+    q: int  # queries per tile
+    k: int  # keys per tile
+
+
+# Score-tile budget of the CPU path: B * N * q * k fp32 scores in flight per tile.
+# Measured on bench-150m (12 heads, D 64, fp32, 2 shared cores; see
+# `choose_tiles`): the per-tile loop overhead of XLA's while loop is ~10-30 us,
+# so a tile must carry milliseconds of matmul; beyond ~8 MiB of scores the
+# exp/max/sum passes fall out of cache and the share of the roof drops again.
+_TILE_SCORE_BYTES = 4 << 20
+_MAX_TILE = 1024
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << max(0, int(x).bit_length() - 1)
+
+
+def choose_tiles(q_len: int, kv_len: int, *, batch: int, heads: int,
+                 cap: Tiles | None = None) -> Tiles:
+    """Tile sizes for `blockwise_partial` on this shape.
+
+    The argument (see the measurements in bench/generate.py's module notes):
+    * a tile's matmuls (2 * 2 * q * k * D FLOPs per head) must dwarf the fixed
+      cost of one loop iteration and of the online-softmax merge (O(q * D));
+    * the fp32 score tile (batch * heads * q * k * 4 bytes) is read and written
+      by the max / exp / sum passes: it must stay in cache, so q * k is bounded
+      by `_TILE_SCORE_BYTES / (batch * heads * 4)`;
+    * causal prefill wastes the masked half of each diagonal tile: with
+      q_len / q tiles per row, the waste is q / (2 * q_len) of the attention
+      work, under 4% once there are >= 16 query tiles, so the query side stops
+      growing at q_len / 16 (but never under 128, the loop cost bound);
+    * square tiles (q = k) keep that diagonal waste lowest for a given area.
+    Powers of two, so bucketed lengths (model/steps.py) split into whole tiles
+    and only the last tile of an odd length is clamped (see `blockwise_partial`).
+
+    Args:
+      q_len, kv_len: queries and keys attended (per device for ring attention).
+      batch, heads: the batch and the query heads of the local shard.
+      cap: upper bounds (the config's scan_query/key_chunk_size, which the
+        planner's memory estimate assumes); None: no cap.
+    """
+    area = max(1, _TILE_SCORE_BYTES // (4 * max(1, batch) * max(1, heads)))
+    side = min(_MAX_TILE, max(128, _pow2_floor(int(area ** 0.5))))
+    qt = min(side, max(128, _pow2_floor(max(1, q_len // 16))))
+    kt = min(_MAX_TILE, _pow2_floor(area // qt)) if area // qt >= 128 else 128
+    kt = min(kt, max(side, qt))
+    if cap is not None:
+        qt, kt = min(qt, cap.q), min(kt, cap.k)
+    return Tiles(max(1, min(qt, q_len)), max(1, min(kt, kv_len)))
+
+
+def _slice(x: jax.Array | None, start: jax.Array, size: int, axis: int) -> jax.Array | None:
+    return None if x is None else jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
 def blockwise_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array,
                       k_index: jax.Array, k_valid: jax.Array, *, q_block: int, k_block: int,
                       q_segment: jax.Array | None = None,
                       k_segment: jax.Array | None = None) -> Partial:
-    """Partial attention of q over k/v in (q_block x k_block) tiles, masks built per tile.
+    """Partial attention of q over k/v in (q_block x k_block) tiles, fully masked tiles skipped.
 
-    No [B, T, S] mask or score tensor is ever materialised: the live scores are
-    [B, N, q_block, k_block]. Tiles whose mask is all False (the causal upper
-    triangle, left padding, empty cache slots) are skipped with `lax.cond`. Lengths
-    that are not multiples of the blocks are padded with masked entries.
+    The one attention kernel of dense, chunked (cached) and ring prefill.
+
+    * Skipping, not masking: a table says which tiles hold at least one
+      attendable (query, key) pair: tile (i, j) does iff, in some row, the
+      smallest index of a valid key of block j is <= the largest query index
+      of block i (exact for causal + validity; segment masks are applied inside
+      the tile). Each query block then loops over its list of needed key blocks
+      only (a while loop of data-dependent length), so the causal upper
+      triangle, empty cache slots and left padding cost nothing: no `cond`
+      per tile, no masked matmul.
+    * No copies of K/V: key tiles are `dynamic_slice`s of the caller's
+      head-major k/v (the cache itself); nothing is padded, reshaped or
+      transposed. A length that is not a multiple of the tile is handled by
+      clamping the last tile's start (tile j covers [min(j*kb, S-kb), +kb))
+      and masking the keys the previous tile already covered; the last query
+      tile is clamped the same way and simply recomputes a few rows.
+    * Queries are transposed to head-major once per call ([B, K, G, T, D]), and
+      the output once back, not per tile.
+    * fp32 scores, softmax statistics and accumulators whatever the input dtype.
 
     Args:
       q: [B, T, N, D]; k, v: [B, K, S, D] (head-major).
       q_index, k_index, k_valid, q_segment, k_segment: as in `index_mask`.
+      q_block, k_block: tile sizes (`choose_tiles`).
     Returns:
-      Partial over all keys, [B, T, ...]; max = -inf where every tile was skipped.
+      Partial over all keys, [B, T, ...]; max = -inf, sum = 0 where every tile
+      was skipped.
     """
     b, t, n, d = q.shape
-    s = k.shape[2]
-    q_block, k_block = max(1, min(q_block, t)), max(1, min(k_block, s))
-    tp = -(-t // q_block) * q_block
-    sp_ = -(-s // k_block) * k_block
-    q, q_index, q_segment = _pad_axis1(q, tp, 0), _pad_axis1(q_index, tp, -1), _pad_axis1(q_segment, tp, -1)
-    k, v = head_major(_pad_axis1(head_major(k), sp_, 0)), head_major(_pad_axis1(head_major(v), sp_, 0))
-    k_index, k_valid = _pad_axis1(k_index, sp_, 0), _pad_axis1(k_valid, sp_, False)
-    k_segment = _pad_axis1(k_segment, sp_, -2)
-    nq, nk = tp // q_block, sp_ // k_block
-    use_segments = q_segment is not None and k_segment is not None
+    kh, s = k.shape[1], k.shape[2]
+    g = n // kh
+    qb, kb = max(1, min(q_block, t)), max(1, min(k_block, s))
+    nq, nk = -(-t // qb), -(-s // kb)
+    use_seg = q_segment is not None and k_segment is not None
+    q_starts = jnp.minimum(jnp.arange(nq, dtype=jnp.int32) * qb, t - qb)  # [nq]
+    k_starts = jnp.minimum(jnp.arange(nk, dtype=jnp.int32) * kb, s - kb)  # [nk]
+    k_first = jnp.arange(nk, dtype=jnp.int32) * kb  # keys below this are the previous tile's
 
-    def blocks(x: jax.Array | None, size: int, count: int) -> jax.Array | None:
-        # [B, count*size, ...] -> [count, B, size, ...]
-        if x is None:
-            return None
-        return jnp.moveaxis(x.reshape(x.shape[0], count, size, *x.shape[2:]), 1, 0)
+    # The skip table, from the small index arrays only.
+    q_rows = q_starts[:, None] + jnp.arange(qb, dtype=jnp.int32)           # [nq, qb]
+    k_cols = k_starts[:, None] + jnp.arange(kb, dtype=jnp.int32)           # [nk, kb]
+    q_max = jnp.max(q_index[:, q_rows], axis=-1)                           # [B, nq]
+    k_ok = k_valid[:, k_cols] & (k_cols >= k_first[:, None])[None]          # [B, nk, kb]
+    big = jnp.iinfo(jnp.int32).max
+    k_min = jnp.min(jnp.where(k_ok, k_index[:, k_cols], big), axis=-1)     # [B, nk]
+    needed = jnp.any(k_min[:, None, :] <= q_max[:, :, None], axis=0)       # [nq, nk]
+    # Fully visible tiles (every key valid and before every query, no segments)
+    # skip the mask: on CPU the select is one of four passes over the scores.
+    q_min = jnp.min(q_index[:, q_rows], axis=-1)                           # [B, nq]
+    k_max = jnp.max(jnp.where(k_ok, k_index[:, k_cols], -big), axis=-1)    # [B, nk]
+    k_full = jnp.all(k_ok, axis=-1)  # [B, nk]; a clamped last tile is never full (overlap masked)
+    visible = jnp.all(k_full[:, None, :] & (k_max[:, None, :] <= q_min[:, :, None]), axis=0)
+    visible &= not use_seg
+    order = jnp.argsort(~needed, axis=1, stable=True).astype(jnp.int32)   # needed blocks first
+    count = jnp.sum(needed, axis=1, dtype=jnp.int32)
 
-    def kv_blocks(x: jax.Array) -> jax.Array:
-        # [B, K, nk*k_block, D] -> [nk, B, K, k_block, D]
-        return jnp.moveaxis(x.reshape(x.shape[0], x.shape[1], nk, k_block, x.shape[3]), 2, 0)
+    qh = _grouped(q, kh)                                                   # [B, K, G, T, D]
+    empty = Partial(jnp.zeros((b, kh, g, qb, d), jnp.float32),
+                    jnp.full((b, kh, g, qb), -jnp.inf, jnp.float32),
+                    jnp.zeros((b, kh, g, qb), jnp.float32))
 
-    kb = (kv_blocks(k), kv_blocks(v), blocks(k_index, k_block, nk),
-          blocks(k_valid, k_block, nk), blocks(k_segment, k_block, nk) if use_segments else None)
+    def query_tile(i, acc_all: Partial) -> Partial:
+        qs = q_starts[i]
+        qt = _slice(qh, qs, qb, 3)
+        qi = _slice(q_index, qs, qb, 1)
+        qseg = _slice(q_segment, qs, qb, 1) if use_seg else None
 
-    def one_query_block(xs: tuple) -> Partial:
-        qc, qi, qs = xs
+        def key_tile(c, acc: Partial) -> Partial:
+            j = order[i, c]
+            ks = k_starts[j]
+            ki = _slice(k_index, ks, kb, 1)
+            kv = _slice(k_valid, ks, kb, 1) & (ks + jnp.arange(kb) >= k_first[j])[None]
+            kseg = _slice(k_segment, ks, kb, 1) if use_seg else None
+            kt, vt = _slice(k, ks, kb, 2), _slice(v, ks, kb, 2)
+            part = jax.lax.cond(
+                visible[i, j], lambda: _tile_partial(qt, kt, vt, None),
+                lambda: _tile_partial(qt, kt, vt, index_mask(qi, ki, kv, qseg, kseg)))
+            return merge(acc, part)
 
-        def body(acc: Partial, ks: tuple) -> tuple[Partial, None]:
-            kc, vc, ki, kv, kseg = ks
-            mask = index_mask(qi, ki, kv, qs if use_segments else None, kseg)
-            acc = jax.lax.cond(jnp.any(mask), lambda a: merge(a, attend_block(qc, kc, vc, mask)),
-                               lambda a: a, acc)
-            return acc, None
+        acc = jax.lax.fori_loop(0, count[i], key_tile, empty)
+        put = lambda whole, part: jax.lax.dynamic_update_slice_in_dim(whole, part, qs, 3)  # noqa: E731
+        return Partial(*(put(w, p) for w, p in zip(acc_all, acc)))
 
-        acc, _ = jax.lax.scan(body, empty_partial(b, q_block, n, d), kb)
-        return acc
-
-    qs_blocks = blocks(q_segment, q_block, nq) if use_segments else jnp.zeros((nq,), jnp.int32)
-    per_block = jax.lax.map(one_query_block,
-                            (blocks(q, q_block, nq), blocks(q_index, q_block, nq), qs_blocks))
-    # [nq, B, q_block, ...] -> [B, T, ...]
-    unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, tp, *x.shape[3:])[:, :t]  # noqa: E731
-    return Partial(unblock(per_block.out), unblock(per_block.max), unblock(per_block.sum))
+    init = Partial(jnp.zeros((b, kh, g, t, d), jnp.float32),
+                   jnp.full((b, kh, g, t), -jnp.inf, jnp.float32),
+                   jnp.zeros((b, kh, g, t), jnp.float32))
+    return _token_major(jax.lax.fori_loop(0, nq, query_tile, init))

@@ -31,6 +31,7 @@ import os
 import re
 from typing import Sequence
 
+from lwm_serve.model import attention
 from lwm_serve.model import config as config_lib
 from lwm_serve.model import params as params_lib
 from lwm_serve.model import sharding
@@ -180,8 +181,8 @@ def prefill_bytes_per_device(cfg: ModelConfig, mesh: MeshShape, dtype: str, batc
     heads_split = mesh.tp if cfg.kv_heads % mesh.tp == 0 else 1
     n, k = cfg.num_attention_heads // heads_split, cfg.kv_heads // heads_split
     m = _local((cfg.intermediate_size,), (sharding.MLP,), mesh)[0]
-    qb = min(cfg.scan_query_chunk_size, c_local)
-    kb = cfg.scan_key_chunk_size
+    # The kernel's own tile choice (keys bounded by the tile rule, not the cache length).
+    qb, kb = attention.choose_tiles(c_local, 1 << 30, batch=b, heads=n)
     terms = {
         "residual, norm, attention out": 3 * b * c_local * h * isz,
         "q, k, v": b * c_local * (n + 2 * k) * d * isz,

@@ -33,8 +33,12 @@ with nothing valid for the first S/sp tokens). Causal masks use GLOBAL
 positions/slots, so the layout never changes a result.
 
 Lengths that do not divide `sp` are left-padded with masked tokens (left, so
-the last real token stays last after striping); lengths that do not divide the
-query/key blocks are padded inside `attention.blockwise_partial`.
+the last real token stays last after striping); tiles are chosen per local
+shape by `attention.choose_tiles`, and `attention.blockwise_partial` clamps a
+ragged last tile instead of padding (nothing of size chunk or cache is copied).
+Per ring step, the tiles a device computes are the ones its striped block pair
+leaves visible; the rest are skipped by the kernel's table, so the ring does the
+single-device kernel's work in sp pieces (bench/ring.py compares the two).
 
 The cache made by `sharding.init_sharded_cache` is in the striped layout
 (physical index j on shard d holds slot (j - d * S/sp) * sp + d); `valid` is
@@ -132,7 +136,11 @@ def _specs(mesh: Mesh, batch: int, kv_heads: int) -> _Specs:
 
 def _ring_partial(q, k, v, q_index, k_index, k_valid, q_segment, k_segment, *, sp: int,
                   q_block: int, k_block: int) -> attn.Partial:
-    """Local queries against every device's key block, passed around the ring."""
+    """Local queries against every device's key block, passed around the ring.
+
+    The key/value block travels head-major ([B, K, T/sp, D], transposed once
+    before the ring), so each step's tiles are slices of what arrived.
+    """
     perm = [(i, (i + 1) % sp) for i in range(sp)]
     b, t, n, d = q.shape
     use_segments = q_segment is not None
@@ -140,8 +148,7 @@ def _ring_partial(q, k, v, q_index, k_index, k_valid, q_segment, k_segment, *, s
     def step(carry, _):
         acc, blk = carry
         kb, vb, ki, kv, ks = blk
-        part = attn.blockwise_partial(q, attn.head_major(kb), attn.head_major(vb), q_index, ki, kv,
-                                      q_block=q_block, k_block=k_block,
+        part = attn.blockwise_partial(q, kb, vb, q_index, ki, kv, q_block=q_block, k_block=k_block,
                                       q_segment=q_segment if use_segments else None,
                                       k_segment=ks if use_segments else None)
         acc = attn.merge(acc, part)
@@ -151,7 +158,8 @@ def _ring_partial(q, k, v, q_index, k_index, k_valid, q_segment, k_segment, *, s
         return (acc, blk), None
 
     segs = k_segment if use_segments else jnp.zeros((), jnp.int32)
-    init = (attn.empty_partial(b, t, n, d), (k, v, k_index, k_valid, segs))
+    init = (attn.empty_partial(b, t, n, d),
+            (attn.head_major(k), attn.head_major(v), k_index, k_valid, segs))
     (acc, _), _ = jax.lax.scan(step, init, None, length=sp)
     return acc
 
@@ -172,12 +180,14 @@ def _write_local(cache_k, cache_v, new_k, new_v, slots, *, sp: int):
 
 
 def _ring_local(q, k, v, q_index, k_index, k_valid, q_segment, k_segment, *, sp, q_block, k_block):
+    if q_block <= 0:  # chosen per local shape (attention.choose_tiles)
+        q_block, k_block = attn.choose_tiles(q.shape[1], k.shape[1], batch=q.shape[0], heads=q.shape[2])
     part = _ring_partial(q, k, v, q_index, k_index, k_valid, q_segment, k_segment, sp=sp,
                          q_block=q_block, k_block=k_block)
     return attn.finalize_or_zero(part, q.dtype)
 
 
-def _prefill_local(q, k, v, slots, tok_valid, cache_k, cache_v, cache_valid, *, sp, q_block, k_block):
+def _prefill_local(q, k, v, slots, tok_valid, cache_k, cache_v, cache_valid, *, sp):
     """One prefill chunk, all in O(chunk / sp) memory per device.
 
     Two blocks travel the ring together for sp steps: the chunk's key/value
@@ -186,40 +196,48 @@ def _prefill_local(q, k, v, slots, tok_valid, cache_k, cache_v, cache_valid, *, 
     its fp32 accumulator for the cache so far (the cache never moves; each
     device adds its shard's partial to the visiting queries). After sp steps
     both blocks are home: the key block has been written everywhere it belongs,
-    the query block has seen every cache shard.
+    the query block has seen every cache shard. The key/value block travels
+    head-major, the layout of the cache and of the kernel's tiles.
     """
     perm = [(i, (i + 1) % sp) for i in range(sp)]
     b, t, n, d = q.shape
     k_slots = _cache_slots(cache_k.shape[0], cache_k.shape[2], sp)
+    within_tiles = attn.choose_tiles(t, t, batch=b, heads=n)
+    cache_tiles = attn.choose_tiles(t, cache_k.shape[2], batch=b, heads=n)
 
     def step(carry, _):
         within, kv_blk, q_blk, cache_k, cache_v = carry
         kb, vb, kslot, kvalid = kv_blk
         within = attn.merge(within, attn.blockwise_partial(
-            q, attn.head_major(kb), attn.head_major(vb), slots, kslot, kvalid,
-            q_block=q_block, k_block=k_block))
-        cache_k, cache_v = _write_local(cache_k, cache_v, kb, vb, kslot, sp=sp)
+            q, kb, vb, slots, kslot, kvalid, q_block=within_tiles.q, k_block=within_tiles.k))
+        cache_k, cache_v = _write_local(cache_k, cache_v, attn.head_major(kb), attn.head_major(vb),
+                                        kslot, sp=sp)
         qb, qslot, past = q_blk
         # Only slots valid before this chunk: the chunk itself is the ring's part.
         past = attn.merge(past, attn.blockwise_partial(
-            qb, cache_k, cache_v, qslot, k_slots, cache_valid, q_block=q_block, k_block=k_block))
+            qb, cache_k, cache_v, qslot, k_slots, cache_valid, q_block=cache_tiles.q,
+            k_block=cache_tiles.k))
         kv_blk, q_blk = jax.tree_util.tree_map(
             lambda x: jax.lax.ppermute(x, SP, perm), (kv_blk, (qb, qslot, past)))
         return (within, kv_blk, q_blk, cache_k, cache_v), None
 
     empty = attn.empty_partial(b, t, n, d)
-    init = (empty, (k, v, slots, tok_valid), (q, slots, empty), cache_k, cache_v)
+    init = (empty, (attn.head_major(k), attn.head_major(v), slots, tok_valid), (q, slots, empty),
+            cache_k, cache_v)
     (within, _, (_, _, past), cache_k, cache_v), _ = jax.lax.scan(step, init, None, length=sp)
     out = attn.finalize_or_zero(attn.merge(within, past), q.dtype)
     return out, cache_k, cache_v
 
 
-def _decode_local(q, k, v, slots, cache_k, cache_v, cache_valid, *, sp, q_block, k_block):
-    """Replicated new token(s): write to the owning shard, attend per shard, merge across sp."""
+def _decode_local(q, k, v, slots, cache_k, cache_v, cache_valid, *, sp):
+    """Replicated new token(s): write to the owning shard, attend per shard, merge across sp.
+
+    One query per row: the whole shard is one tile (a [B, 1, S/sp] mask is cheap),
+    as in the single-device decode.
+    """
     cache_k, cache_v = _write_local(cache_k, cache_v, k, v, slots, sp=sp)
     k_slots = _cache_slots(cache_k.shape[0], cache_k.shape[2], sp)
-    part = attn.blockwise_partial(q, cache_k, cache_v, slots, k_slots, cache_valid,
-                                  q_block=q_block, k_block=k_block)
+    part = attn.attend_block(q, cache_k, cache_v, attn.index_mask(slots, k_slots, cache_valid))
     out = attn.finalize_or_zero(attn.combine_across(part, SP), q.dtype)
     return out, cache_k, cache_v
 
@@ -228,8 +246,8 @@ def _decode_local(q, k, v, slots, cache_k, cache_v, cache_valid, *, sp, q_block,
 
 
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array,
-                   k_index: jax.Array, k_valid: jax.Array, *, mesh: Mesh, q_block: int,
-                   k_block: int, q_segment: jax.Array | None = None,
+                   k_index: jax.Array, k_valid: jax.Array, *, mesh: Mesh, q_block: int = 0,
+                   k_block: int = 0, q_segment: jax.Array | None = None,
                    k_segment: jax.Array | None = None) -> jax.Array:
     """RingAttention over sequence-sharded q, k, v (already in the striped order).
 
@@ -237,6 +255,8 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array,
       q: [B, T, N, D]; k, v: [B, T, K, D]; T a multiple of sp.
       q_index, k_index: [B, T] global positions (causal mask); k_valid: [B, T].
       q_segment, k_segment: optional [B, T] segment ids.
+      q_block, k_block: tile sizes; 0 (default): `attention.choose_tiles` for
+        the local shard's shape.
     Returns:
       [B, T, N, D] in q.dtype (0 for queries with no valid key).
     """
@@ -256,15 +276,14 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array,
     return fn(q, k, v, q_index, k_index, k_valid, q_segment, k_segment)
 
 
-def _prefill_op(mesh: Mesh, cfg: ModelConfig, slots: jax.Array, tok_valid: jax.Array,
+def _prefill_op(mesh: Mesh, slots: jax.Array, tok_valid: jax.Array,
                 cache_valid: jax.Array) -> transformer.LayerAttentionFn:
     sp = mesh.shape[SP]
 
     def op(q, k, v, kv):
         s = _specs(mesh, q.shape[0], k.shape[2])
         fn = jax.shard_map(
-            functools.partial(_prefill_local, sp=sp, q_block=cfg.scan_query_chunk_size,
-                              k_block=cfg.scan_key_chunk_size),
+            functools.partial(_prefill_local, sp=sp),
             mesh=mesh, in_specs=(s.q, s.kv, s.kv, s.tok, s.tok, s.cache, s.cache, s.valid),
             out_specs=(s.q, s.cache, s.cache), check_vma=False)
         out, ck, cv = fn(q, k, v, slots, tok_valid, kv[0], kv[1], cache_valid)
@@ -273,15 +292,14 @@ def _prefill_op(mesh: Mesh, cfg: ModelConfig, slots: jax.Array, tok_valid: jax.A
     return op
 
 
-def _decode_op(mesh: Mesh, cfg: ModelConfig, slots: jax.Array,
+def _decode_op(mesh: Mesh, slots: jax.Array,
                cache_valid: jax.Array) -> transformer.LayerAttentionFn:
     sp = mesh.shape[SP]
 
     def op(q, k, v, kv):
         s = _specs(mesh, q.shape[0], k.shape[2])
         fn = jax.shard_map(
-            functools.partial(_decode_local, sp=sp, q_block=cfg.scan_query_chunk_size,
-                              k_block=cfg.scan_key_chunk_size),
+            functools.partial(_decode_local, sp=sp),
             mesh=mesh, in_specs=(s.q_rep, s.q_rep, s.q_rep, s.tok_rep, s.cache, s.cache, s.valid),
             out_specs=(s.q_rep, s.cache, s.cache), check_vma=False)
         out, ck, cv = fn(q, k, v, slots, kv[0], kv[1], cache_valid)
@@ -321,9 +339,8 @@ def forward_ring(params: Params, cfg: ModelConfig, mesh: Mesh, tokens: jax.Array
 
     def op(q, k, v, kv):
         del kv
-        out = ring_attention(q, k, v, index_s, index_s, valid_s, mesh=mesh,
-                             q_block=cfg.scan_query_chunk_size, k_block=cfg.scan_key_chunk_size,
-                             q_segment=seg_s, k_segment=seg_s)
+        out = ring_attention(q, k, v, index_s, index_s, valid_s, mesh=mesh, q_segment=seg_s,
+                             k_segment=seg_s)
         return out, None
 
     with sharding.use_mesh(mesh):
@@ -368,12 +385,12 @@ def forward_cached(params: Params, cfg: ModelConfig, mesh: Mesh, tokens: jax.Arr
     decode = t == 1
     if decode:
         pad = 0
-        op = _decode_op(mesh, cfg, slots, new_valid)
+        op = _decode_op(mesh, slots, new_valid)
         inputs = (tokens, vision_mask, positions, tok_valid)
     else:
         pad = -t % sp
         prep = lambda x, value: stripe(_left_pad(x, pad, value), sp)  # noqa: E731
-        op = _prefill_op(mesh, cfg, prep(slots, -1), prep(tok_valid, False), cache.valid)
+        op = _prefill_op(mesh, prep(slots, -1), prep(tok_valid, False), cache.valid)
         inputs = (prep(tokens, 0), prep(vision_mask, False), prep(positions, 0), prep(tok_valid, False))
     with sharding.use_mesh(mesh):
         out = transformer.forward(params, cfg, inputs[0], inputs[1], inputs[2],

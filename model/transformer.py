@@ -104,6 +104,22 @@ def _full_mask(tokens: jax.Array, attention_mask: jax.Array, segment_ids: jax.Ar
     return mask
 
 
+def _tiled_attend(tokens: jax.Array, token_valid: jax.Array,
+                  segment_ids: jax.Array | None) -> _Attend:
+    """Cache-less causal attention by `attention.blockwise_partial` (masked tiles skipped)."""
+    b, t = tokens.shape
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+    def attend(q, k, v, layer, state):
+        tiles = attn.choose_tiles(t, t, batch=b, heads=q.shape[2])
+        part = attn.blockwise_partial(q, attn.head_major(k), attn.head_major(v), idx, idx, token_valid,
+                                      q_block=tiles.q, k_block=tiles.k,
+                                      q_segment=segment_ids, k_segment=segment_ids)
+        return attn.finalize_or_zero(part, q.dtype), state
+
+    return attend
+
+
 def _cached_attend(cfg: ModelConfig, cache: kvc.KVCache, slots: jax.Array,
                    token_valid: jax.Array, read_length: int | None) -> tuple[_Attend, jax.Array]:
     """Single-device attention over the cache; returns (attend, the new valid mask).
@@ -132,9 +148,9 @@ def _cached_attend(cfg: ModelConfig, cache: kvc.KVCache, slots: jax.Array,
             mask = attn.causal_mask(slots, key_idx) & attn.key_mask(read_valid, 1)
             out = attn.finalize(attn.attend_block(q, kl, vl, mask), q.dtype)
         else:
+            tiles = attn.choose_tiles(t, length, batch=r, heads=q.shape[2])
             part = attn.blockwise_partial(q, kl, vl, slots, key_idx, read_valid,
-                                          q_block=cfg.scan_query_chunk_size,
-                                          k_block=cfg.scan_key_chunk_size)
+                                          q_block=tiles.q, k_block=tiles.k)
             out = attn.finalize_or_zero(part, q.dtype)
         return out, (tuple(ks), tuple(vs))
 
@@ -162,7 +178,9 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, vision_mask: ja
       heads: which logits to compute.
       last_only: compute logits for the last position only ([B, 1, V]).
       output_hidden_states: also return each layer's input and the ln_f output.
-      attention_fn: the cache-less attention over a materialised mask.
+      attention_fn: the cache-less attention over a materialised mask; the
+        default (`attention.dense_attention`) is run by the tiled kernel from
+        indices instead (same math, no [B, T, T] mask or scores).
       layer_attention: replaces the cache write + attention of every layer; the
         returned cache then carries the new k/v but the input's `valid`/`index`
         (the override's caller keeps that bookkeeping, in its own layout).
@@ -192,6 +210,10 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, vision_mask: ja
             ks, vs = list(st[0]), list(st[1])
             out, (ks[layer], vs[layer]) = layer_attention(q, k, v, (ks[layer], vs[layer]))
             return out, (tuple(ks), tuple(vs))
+    elif cache is None and attention_fn is attn.dense_attention:
+        # The default cache-less attention runs the tiled kernel from indices: the
+        # same math as `dense_attention` without a [B, T, T] mask or score tensor.
+        attend, state = _tiled_attend(tokens, token_valid, segment_ids), ()
     elif cache is None:
         mask = _full_mask(tokens, attention_mask, segment_ids)
         state = ()
