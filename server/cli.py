@@ -258,6 +258,8 @@ def generate(settings: Any, args: argparse.Namespace) -> int:
             chunks = await services.chat.create(ChatCompletionRequest(
                 messages=[{"role": "user", "content": args.prompt}], **knobs))
         async for chunk in chunks:  # type: ignore[union-attr]
+            if not isinstance(chunk, dict):  # progress comments
+                continue
             for choice in chunk["choices"]:
                 text = choice["text"] if args.raw else choice["delta"].get("content", "")
                 print(text, end="", flush=True)

@@ -24,7 +24,7 @@ from typing import AsyncIterator, Sequence
 
 from lwm_serve.model.generation import PromptRow
 from lwm_serve.server.engine.engine import Engine
-from lwm_serve.server.engine.request import GenerationRequest, RequestRecord
+from lwm_serve.server.engine.request import GenerationRequest, PrefillProgress, RequestRecord
 from lwm_serve.server.errors import InvalidRequestError, to_api_error
 from lwm_serve.server.handlers import common
 from lwm_serve.server.handlers.choices import choice_events
@@ -186,7 +186,7 @@ class ChatHandler:
         decoders = [ChoiceDecoder(self.tokenizer, stops, stop_ids, keep_logprobs=req.logprobs)
                     for _ in range(req.n)]
         usage = _Usage(len(prompt.ids), decoders, handle.record)
-        events = choice_events(handle, decoders, top_n)
+        events = choice_events(handle, decoders, top_n, progress=req.stream)
         response_id = f"chatcmpl-{request_id}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -221,11 +221,20 @@ class ChatHandler:
             return dump(ChatCompletionChunk(id=response_id, created=created, model=self.model_name,
                                             choices=choices), drop=drop)
 
-        for i in range(req.n):
-            yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""),
-                                          logprobs=ChoiceLogprobs(content=[]) if req.logprobs else None)])
+        roles_sent = False
         async with aclosing(events):  # leaving early aborts the engine request now
             async for step_events in events:
+                if isinstance(step_events, PrefillProgress):  # a comment: OpenAI clients skip it
+                    p = step_events
+                    yield SSEComment(f"progress stage=prefill done={p.tokens_done} total={p.tokens_total} "
+                                     f"chunks={p.chunks_done}/{p.chunks_total} cached={p.cached_tokens}")
+                    continue
+                if not roles_sent:  # with the first sampled token, as OpenAI's streams
+                    roles_sent = True
+                    for i in range(req.n):
+                        yield chunk([ChatStreamChoice(
+                            index=i, delta=DeltaMessage(role="assistant", content=""),
+                            logprobs=ChoiceLogprobs(content=[]) if req.logprobs else None)])
                 for ev in step_events:
                     logprobs = chat_logprobs(ev.records, self.texts) if req.logprobs else None
                     yield chunk([ChatStreamChoice(index=ev.index, delta=DeltaMessage(content=ev.text),

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
 from lwm_serve.server.engine.engine import RequestHandle
+from lwm_serve.server.engine.request import PrefillProgress
 from lwm_serve.server.handlers.text_output import ChoiceDecoder, FinishReason, TokenRecord
 
 
@@ -25,12 +26,19 @@ class ChoiceEvent:
     finish_reason: FinishReason | None = None
 
 
-async def choice_events(handle: RequestHandle, decoders: Sequence[ChoiceDecoder],
-                        top_n: int = 0) -> AsyncIterator[list[ChoiceEvent]]:
-    """Yields, per step, the events of the choices that changed; finally the
-    length-finished choices. Leaving early aborts the request."""
-    async with aclosing(handle.steps()) as steps:
+async def choice_events(handle: RequestHandle, decoders: Sequence[ChoiceDecoder], top_n: int = 0,
+                        progress: bool = False) -> AsyncIterator[list[ChoiceEvent] | PrefillProgress]:
+    """Yields, per step, the events of the choices that changed (the first step always,
+    maybe empty: its token was sampled even if it has no text yet); finally the
+    length-finished choices. With `progress`, the engine's PrefillProgress items come
+    first, as they happen. Leaving early aborts the request."""
+    first = True
+    async with aclosing(handle.events()) as steps:
         async for step in steps:
+            if isinstance(step, PrefillProgress):
+                if progress:
+                    yield step
+                continue
             events = []
             for i, dec in enumerate(decoders):
                 if dec.finished:
@@ -41,8 +49,9 @@ async def choice_events(handle: RequestHandle, decoders: Sequence[ChoiceDecoder]
                 records = dec.take_logprobs()
                 if text or records or dec.finished:
                     events.append(ChoiceEvent(i, text, records, dec.finish_reason))
-            if events:
+            if events or first:
                 yield events
+            first = False
             if all(d.finished for d in decoders):
                 handle.abort("done")
                 break

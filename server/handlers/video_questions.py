@@ -22,7 +22,7 @@ from typing import AsyncIterator
 
 from lwm_serve.model.generation import PromptRow
 from lwm_serve.server.engine.engine import Engine
-from lwm_serve.server.engine.request import GenerationRequest
+from lwm_serve.server.engine.request import GenerationRequest, PrefillProgress
 from lwm_serve.server.errors import InvalidRequestError
 from lwm_serve.server.handlers import common
 from lwm_serve.server.handlers.choices import choice_events
@@ -153,7 +153,8 @@ class VideoQuestionHandler:
         layout = self.require_vision().layout
         return await asyncio.to_thread(chat_prompt, self.tokenizer, question, (media.codes,), layout=layout)
 
-    def _submit(self, form: VideoQuestionForm, prompt: PromptTokens) -> tuple[AsyncIterator, ChoiceDecoder, str]:
+    def _submit(self, form: VideoQuestionForm, prompt: PromptTokens,
+                progress: bool = False) -> tuple[AsyncIterator, ChoiceDecoder, str]:
         max_tokens = common.resolve_max_tokens(form.max_tokens, len(prompt.ids), self.engine.context_limit,
                                                self.limits.default_max_tokens)
         sampling = common.sampling_params(temperature=form.temperature, top_p=form.top_p, top_k=form.top_k,
@@ -165,7 +166,7 @@ class VideoQuestionHandler:
         logger.info("[%s] video question: prompt %d tokens (%d vision), max_tokens %d, stream %s", rid,
                     len(prompt.ids), sum(prompt.vision_mask), max_tokens, form.stream)
         decoder = ChoiceDecoder(self.tokenizer, [], stop_ids)
-        return choice_events(handle, [decoder]), decoder, rid
+        return choice_events(handle, [decoder], progress=progress), decoder, rid
 
     async def _stream(self, form: VideoQuestionForm, source: MediaSource,
                       plans: list[PlannedMedia]) -> AsyncIterator[dict | SSEEvent]:
@@ -180,7 +181,7 @@ class VideoQuestionHandler:
             prompt = await self._prompt(form.question, encoded[0])
             n = len(prompt.ids)
             yield SSEEvent("progress", {"stage": "prefill", "item": 0, "done": 0, "total": n})
-            events, decoder, rid = self._submit(form, prompt)
+            events, decoder, rid = self._submit(form, prompt, progress=True)
             created, started = common.now(), time.monotonic()
             reason = None
 
@@ -191,9 +192,16 @@ class VideoQuestionHandler:
             first = True
             async with aclosing(events):
                 async for step_events in events:
-                    if first:
+                    if isinstance(step_events, PrefillProgress):  # from the prefill itself, chunk by chunk
+                        p = step_events
+                        yield SSEEvent("progress", {
+                            "stage": "prefill", "item": 0, "done": p.tokens_done, "total": p.tokens_total,
+                            "chunks_done": p.chunks_done, "chunks_total": p.chunks_total,
+                            "cached_tokens": p.cached_tokens, "seconds": round(time.monotonic() - started, 3)})
+                        continue
+                    if first:  # the first token was sampled (its text may still be empty)
                         first = False
-                        yield SSEEvent("progress", {"stage": "prefill", "item": 0, "done": n, "total": n,
+                        yield SSEEvent("progress", {"stage": "first_token", "item": 0,
                                                     "seconds": round(time.monotonic() - started, 3)})
                     for ev in step_events:
                         reason = ev.finish_reason or reason

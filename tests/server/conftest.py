@@ -193,10 +193,14 @@ def validate(openai_schemas: dict[str, Any]) -> Callable[[str, Any], None]:
 
 
 def sse_events(lines: Iterator[str]) -> list[str]:
-    """The `data:` payloads of an SSE body, in order (asserting the framing)."""
+    """The `data:` payloads of an SSE body, in order (asserting the framing; comment
+    lines, which SSE clients skip, may only be progress or keep-alive notes)."""
     out = []
     for line in lines:
         if not line:
+            continue
+        if line.startswith(": "):
+            assert line.startswith((": progress ", ": keep-alive")), f"unexpected SSE comment {line!r}"
             continue
         assert line.startswith("data: "), f"unexpected SSE line {line!r}"
         out.append(line[len("data: "):])

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from lwm_serve.model.generation import ContextLengthError, StepOutput
-from lwm_serve.server.engine.request import GenerationRequest
+from lwm_serve.server.engine.request import RequestRecord, GenerationRequest
 from lwm_serve.server.errors import APIError, InvalidRequestError
 from lwm_serve.server.handlers.chat import ChatHandler
 from lwm_serve.server.handlers.common import HandlerLimits
@@ -51,6 +51,14 @@ class FakeHandle:
         finally:
             if not ended:
                 self.abort("client")
+
+    def events(self) -> AsyncIterator[StepOutput]:
+        """As the engine's (this fake reports no prefill progress)."""
+        return self.steps()
+
+    @property
+    def record(self) -> RequestRecord:
+        return RequestRecord("fake", len(self.script), len(self.script[0]))
 
     def abort(self, reason: str = "client") -> None:
         if self.aborted is None:

@@ -37,6 +37,10 @@ def test_raw_sse_framing(live, auth_headers):
         raw = r.read().decode()
     assert raw.endswith("\n\ndata: [DONE]\n\n")
     events = raw.split("\n\n")
+    # progress comments (": ..."), which SSE clients skip, may precede the data events
+    comments = [e for e in events[:-1] if e.startswith(": ")]
+    assert all(c.startswith(": progress stage=prefill") for c in comments)
+    events = [e for e in events if not e.startswith(": ")]
     assert events[-1] == "" and all(e.startswith("data: ") and "\n" not in e for e in events[:-1])
     chunks = [json.loads(e[6:]) for e in events[:-2]]
     roles = [c["choices"][0]["index"] for c in chunks[:2]]

@@ -97,8 +97,12 @@ def test_stream_sends_progress_then_deltas_then_done(server, auth_headers, serve
     assert events[-1] == ("message", "[DONE]")
     progress = [json.loads(d) for name, d in events if name == "progress"]
     chunks = [VideoAnswerChunk.model_validate_json(d) for name, d in events[:-1] if name == "message"]
-    assert [p["stage"] for p in progress][0] in ("decode", "cached") and progress[-1]["stage"] == "prefill"
-    assert progress[-1]["done"] == progress[-1]["total"] == plain.json()["usage"]["prompt_tokens"]
+    stages = [p["stage"] for p in progress]
+    assert stages[0] in ("decode", "cached") and stages[-1] == "first_token"
+    # prefill progress comes from the prefill's own chunks, all before the first token
+    prefill = [p for p in progress if p["stage"] == "prefill" and "chunks_total" in p]
+    assert prefill and prefill[-1]["done"] == prefill[-1]["total"] == plain.json()["usage"]["prompt_tokens"]
+    assert prefill[-1]["chunks_done"] == prefill[-1]["chunks_total"] == len(prefill)
     first_chunk = next(i for i, (name, _) in enumerate(events) if name == "message")
     assert all(name == "progress" for name, _ in events[:first_chunk])
     assert "".join(c.delta for c in chunks) == plain.json()["answer"]
