@@ -127,7 +127,9 @@ def test_chunked_prefill_of_eight_chunks_equals_one_shot():
     seen = []
     chunked = list(Generator(params, cfg, prefill_chunk=16, mesh=mesh).stream(
         rows, SamplingParams(temperature=0), on_prefill_chunk=lambda i, n: seen.append((i, n)), **kwargs))
-    assert seen == [(i, 8) for i in range(1, 9)]
+    # each row is prefilled on its own: 8 chunks each (the shorter row's last chunk overlaps
+    # its seventh instead of being padded)
+    assert seen == [(i, 16) for i in range(1, 17)]
     for a, b in zip(one_shot, chunked, strict=True):
         np.testing.assert_array_equal(a.tokens, b.tokens)
         np.testing.assert_allclose(a.top_logprobs, b.top_logprobs, atol=FP32_TOL, rtol=0)
