@@ -140,6 +140,8 @@ class ServerSettings(BaseSettings):
         "after the last; the layout LWM was trained on (lwm/data.py, DESIGN.md). 'vision_chat': "
         "8193 after EVERY frame; exactly what the reference vision_chat script feeds (it VQGAN-"
         "encodes one frame per batch and ends each batch with 8193). One image: both agree"))
+    image_url_ttl_s: float = Field(3600.0, gt=0, description=(
+        "how long a generated image's URL (response_format 'url') stays valid"))
     auto_fps: bool = Field(False, description=(
         "when a video's frames do not fit the context, sample fewer (lower fps / max_frames) "
         "instead of answering 400; a request can also ask with the extra 'auto_fps': true"))
