@@ -170,7 +170,7 @@ class FrameDrawer:
         if need > limit:
             fit = max(0, (limit - prompt_tokens) // TOKENS_PER_FRAME)
             raise InvalidRequestError(
-                f"{new_frames} new frames ({new_frames * TOKENS_PER_FRAME} tokens) after a {prompt_tokens}-token "
+                f"{new_frames} frames ({new_frames * TOKENS_PER_FRAME} tokens) after a {prompt_tokens}-token "
                 f"prompt exceed this model's context of {limit} tokens; at most {fit} fit",
                 param=param, code="context_length_exceeded")
 
