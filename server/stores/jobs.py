@@ -105,7 +105,10 @@ class JobStore:
 
     def save(self, job: VideoJob) -> None:
         with self._lock, self._db:
-            self._db.execute("INSERT OR REPLACE INTO videos (id, created_at, record) VALUES (?, ?, ?)",
+            # An upsert keeps the row's rowid: the creation order that listings follow
+            # (created_at has one-second resolution).
+            self._db.execute("INSERT INTO videos (id, created_at, record) VALUES (?, ?, ?) "
+                             "ON CONFLICT(id) DO UPDATE SET record = excluded.record",
                              (job.id, job.created_at, json.dumps(asdict(job))))
 
     def get(self, job_id: str) -> VideoJob:
@@ -119,15 +122,15 @@ class JobStore:
 
     def list(self, *, order: Literal["asc", "desc"] = "desc", after: str | None = None,
              limit: int | None = None) -> list[VideoJob]:
-        """Jobs by creation time (then id), starting after the job `after` (cursor)."""
+        """Jobs in creation order (`order`), starting after the job `after` (cursor)."""
         direction = "ASC" if order == "asc" else "DESC"
         query, args = "SELECT record FROM videos", []
         if after is not None:
-            anchor = self.get(after)
+            self.get(after)
             op = ">" if order == "asc" else "<"
-            query += f" WHERE (created_at, id) {op} (?, ?)"
-            args += [anchor.created_at, anchor.id]
-        query += f" ORDER BY created_at {direction}, id {direction}"
+            query += f" WHERE rowid {op} (SELECT rowid FROM videos WHERE id = ?)"
+            args.append(after)
+        query += f" ORDER BY rowid {direction}"
         if limit is not None:
             query += " LIMIT ?"
             args.append(limit)
