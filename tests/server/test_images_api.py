@@ -190,3 +190,20 @@ def test_no_vqgan_no_images(live, auth_headers):
     resp = httpx.post(f"{live.base_url}/v1/images/generations", json={"prompt": "x"}, headers=auth_headers,
                       timeout=30)
     assert resp.status_code == 400 and "VQGAN" in resp.json()["error"]["message"]
+
+
+def test_codes_past_the_codebook_decode_as_the_last_code(vision_runtime):
+    """The vision head can sample 8192..8447 inside a frame; they decode as code 8191
+    (the reference's codebook gather clamps), and partial images black out unsampled rows."""
+    from lwm_serve.server.handlers.frame_generation import FrameDrawer
+
+    drawer = FrameDrawer(None, vision_runtime.tokenizer, vision_runtime.vqgan)  # no engine needed to decode
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 8192, 256)
+    odd = codes.copy()
+    odd[[3, 100, 200]] = [8192, 8300, 8447]
+    clamped = codes.copy()
+    clamped[[3, 100, 200]] = 8191
+    np.testing.assert_array_equal(drawer.decode(odd.tolist() + [8192]), drawer.decode(clamped.tolist() + [8192]))
+    partial = drawer.decode_partial(codes[:40].tolist())  # 2 complete rows of 16 codes
+    assert partial.shape == (256, 256, 3) and partial[32:].max() == 0 and partial[:32].max() > 0

@@ -232,9 +232,22 @@ def test_restart_keeps_completed_fails_running(launch, vision_runtime, auth_head
         mp4 = client.videos.download_content(done.id).read()
         gate.clear()  # the worker stops before its next step: the next job stays in progress
         running = client.videos.create(prompt="a storm", extra_body={"n_frames": 2})
+        doomed = client.videos.create(prompt="a flood", extra_body={"n_frames": 2})
         deadline = time.monotonic() + 60
-        while client.videos.retrieve(running.id).status != "in_progress" and time.monotonic() < deadline:
+        while {client.videos.retrieve(v.id).status for v in (running, doomed)} != {"in_progress"}:
+            assert time.monotonic() < deadline
             time.sleep(0.05)
+        # Deleting a running job stops its engine request and leaves nothing behind.
+        aborted = first.engine.stats().aborted_total
+        assert client.videos.delete(doomed.id).deleted
+        assert not (tmp_path / "jobs" / "videos" / doomed.id).exists()
+        with pytest.raises(openai.NotFoundError):
+            client.videos.retrieve(doomed.id)
+        gate.set()
+        while first.engine.stats().aborted_total == aborted:
+            assert time.monotonic() < deadline + 60
+            time.sleep(0.05)
+        gate.clear()
     finally:
         gate.set()
         first.stop()
