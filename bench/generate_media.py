@@ -23,12 +23,10 @@ run, bench/roofline.py). Prints a table per model and one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any

@@ -128,6 +128,11 @@ def test_extend_an_uploaded_clip(client, server, media_kit, tmp_path):
     clip_codes, _ = encode_media(path, SamplingSpec(max_frames=None, fps=4), server.services.vision.vqgan)
     np.testing.assert_array_equal(codes[:2], clip_codes)
     assert len(_frames(client.videos.download_content(ext.id).read())) == 3
+    # The clip itself as the multipart `video` (the SDK's extend() upload form), same seed: same video.
+    again = client.videos.extend(prompt="the shapes move on", seconds="4", video=("clip.mp4", path.read_bytes()),
+                                 extra_body={"n_frames": 1, "seed": 1})
+    assert _wait(client, again.id)["status"] == "completed"
+    np.testing.assert_array_equal(_codes(server, again.id), codes)
 
 
 def test_create_multipart_with_reference_image_list_delete(client, server, server_media, validate, auth_headers):
