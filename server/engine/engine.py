@@ -457,7 +457,7 @@ class Engine:
         else:
             logits = pool.decode_mixed(feed, vision_rows)
         outputs: dict[int, StepOutput] = {}
-        for group in _sampling_groups(self._decoding):
+        for group in live_lib.sampling_groups(self._decoding):
             head_logits = logits[group[0].request.head]
             sampled = live_lib.sample(group, head_logits, [live.rows for live in group],
                                       pad_to=head_logits.shape[0] // (2 if group[0].request.use_cfg else 1),
@@ -517,14 +517,6 @@ class Engine:
         if self.observer is not None:
             self.observer.request_ended(rec.status.value, rec.ended - rec.created)
         self._deliver(entry, _END)
-
-
-def _sampling_groups(lives: list[LiveRequest]) -> list[list[LiveRequest]]:
-    """Requests sampled together: same head and same guidance (CFG mixes [cond..., uncond...])."""
-    groups: dict[tuple[str, bool], list[LiveRequest]] = {}
-    for live in lives:
-        groups.setdefault((live.request.head, live.request.use_cfg), []).append(live)
-    return list(groups.values())
 
 
 def _with_timeout(req: GenerationRequest, seconds: float) -> GenerationRequest:

@@ -76,6 +76,14 @@ class LiveRequest:
         return bool(self.finished.all()) or self.step >= self.request.max_new_tokens
 
 
+def sampling_groups(lives: Sequence[LiveRequest]) -> list[list[LiveRequest]]:
+    """Requests sampled together: same head and same guidance (CFG mixes [cond..., uncond...])."""
+    groups: dict[tuple[str, bool], list[LiveRequest]] = {}
+    for live in lives:
+        groups.setdefault((live.request.head, live.request.use_cfg), []).append(live)
+    return list(groups.values())
+
+
 def sample(live: Sequence[LiveRequest], logits: jax.Array, row_of: Sequence[Sequence[int]],
            pad_to: int | None = None, use_cfg: bool = False) -> list[StepOutput]:
     """Samples one token for every output row of `live` and advances their state.

@@ -18,7 +18,7 @@ from lwm_serve.server.multipart import FilePart, MultipartReader
 from lwm_serve.server.routes._docs import MEDIA_ERRORS
 from lwm_serve.server.routes.files import check_content_length
 from lwm_serve.server.schemas.videos import (VideoCreateRequest, VideoDeleted, VideoExtendRequest, VideoList,
-                                             VideoObject, nest_form)
+                                             VideoObject, body_doc, nest_form)
 
 router = APIRouter(tags=["videos"], dependencies=[Depends(require_api_key)], responses=MEDIA_ERRORS)
 M = TypeVar("M", bound=BaseModel)
@@ -32,7 +32,8 @@ def get_videos_handler(request: Request) -> VideosHandler:
 Handler = Annotated[VideosHandler, Depends(get_videos_handler)]
 
 
-@router.post("/v1/videos", response_model=VideoObject)
+@router.post("/v1/videos", response_model=VideoObject,
+             openapi_extra=body_doc(VideoCreateRequest, "input_reference"))
 async def create_video(request: Request, handler: Handler) -> VideoObject:
     """Starts a video job: JSON or multipart (`prompt`, `seconds`, `size`, `input_reference`
     image as an upload or {image_url | file_id}; extras `n_frames`, `seed`, LWM's knobs)."""
@@ -44,7 +45,8 @@ async def create_video(request: Request, handler: Handler) -> VideoObject:
             upload.close()
 
 
-@router.post("/v1/videos/extensions", response_model=VideoObject)
+@router.post("/v1/videos/extensions", response_model=VideoObject,
+             openapi_extra=body_doc(VideoExtendRequest, "video"))
 async def extend_video(request: Request, handler: Handler) -> VideoObject:
     """Continues a completed video ({"video": {"id": "video_..."}}), an uploaded clip
     ({"video": {"id": "file-..."}}) or a clip sent as the multipart file `video`."""

@@ -106,3 +106,24 @@ def nest_form(fields: dict[str, str]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def body_doc(model: type[BaseModel], file_field: str) -> dict[str, Any]:
+    """OpenAPI `requestBody` of a route that reads JSON or multipart itself: the model's
+    fields (JSON), the same as form fields plus `file_field` as an upload (multipart)."""
+    schema = model.model_json_schema()
+    defs = schema.get("$defs", {})
+
+    def inline(node: Any) -> Any:  # the body is documented inline: no $defs to point into
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    props = inline(schema["properties"])
+    form = {**props, file_field: {"type": "string", "format": "binary"}}
+    required = schema.get("required", [])
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "object", "required": required, "properties": props}},
+        "multipart/form-data": {"schema": {"type": "object", "required": required, "properties": form}}}}}

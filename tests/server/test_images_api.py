@@ -34,7 +34,7 @@ def drawing(launch, vision_runtime):
     takes long enough for a chat request to run beside it however fast the model is."""
     import dataclasses
 
-    server = launch(dataclasses.replace(vision_runtime, step_hook=lambda: time.sleep(PACE_S[0])), max_num_seqs=8)
+    server = launch(dataclasses.replace(vision_runtime, step_hook=lambda: time.sleep(PACE_S[0])))
     yield server
     server.stop()
 
@@ -157,7 +157,7 @@ def _chat_during_image(client, drawing, ask, alone) -> None:
     ({"prompt": "  "}, "prompt"),
     ({"prompt": "x", "n": 0}, "n"),
     ({"prompt": "x", "n": 11}, "n"),
-    ({"prompt": "x", "n": 5}, "n"),  # 10 guidance rows > the server's 8
+    ({"prompt": "x", "n": 9}, "n"),  # 18 guidance rows > the server's 16 (--max-num-seqs)
     ({"prompt": "x", "size": "1024x1536"}, "size"),
     ({"prompt": "x", "size": "huge"}, "size"),
     ({"prompt": "x", "size": "4096x4096"}, "size"),

@@ -29,7 +29,7 @@ PROMPT = "Fireworks over the city"
 
 @pytest.fixture(scope="module")
 def server(launch, vision_runtime):
-    s = launch(vision_runtime, max_num_seqs=4)
+    s = launch(vision_runtime)
     yield s
     s.stop()
 
@@ -229,7 +229,7 @@ def test_restart_keeps_completed_fails_running(launch, vision_runtime, auth_head
     gate = threading.Event()
     gate.set()
     hooked = dataclasses.replace(vision_runtime, step_hook=lambda: gate.wait(60))
-    first = launch(hooked, data_dir=tmp_path, max_num_seqs=4)
+    first = launch(hooked, data_dir=tmp_path)
     try:
         client = _client(first, auth_headers)
         done = client.videos.create(prompt="a kite", extra_body={"n_frames": 1, "seed": 4})
@@ -256,7 +256,7 @@ def test_restart_keeps_completed_fails_running(launch, vision_runtime, auth_head
     finally:
         gate.set()
         first.stop()
-    second = launch(vision_runtime, data_dir=tmp_path, max_num_seqs=4)
+    second = launch(vision_runtime, data_dir=tmp_path)
     try:
         client = _client(second, auth_headers)
         assert client.videos.retrieve(done.id).status == "completed"
