@@ -257,6 +257,15 @@ class SlotPool:
         fed row writes its next slot and advances; the caller checks that rows
         have room (`room`).
         """
+        rows, read, feed, active = self._decode_inputs(tokens)
+        logits, self.pool = steps.decode_rows(
+            self.params, self.cfg, jnp.asarray(feed), jnp.asarray(self.position[:rows]),
+            jnp.asarray(active[:rows]), self.pool, head, self.mesh, read)
+        self._advance(rows, active)
+        return logits
+
+    def _decode_inputs(self, tokens: dict[int, int]) -> tuple[int, int | None, np.ndarray, np.ndarray]:
+        """(rows R run, slots read, the [R] fed tokens, the [num_slots] active mask) of a step."""
         active = np.zeros(self.num_slots, bool)
         active[list(tokens)] = True
         if self.mesh is None:
@@ -267,12 +276,25 @@ class SlotPool:
         feed = np.zeros(rows, np.int32)
         for row, tok in tokens.items():
             feed[row] = tok
-        logits, self.pool = steps.decode_rows(
-            self.params, self.cfg, jnp.asarray(feed), jnp.asarray(self.position[:rows]),
-            jnp.asarray(active[:rows]), self.pool, head, self.mesh, read)
+        return rows, read, feed, active
+
+    def _advance(self, rows: int, active: np.ndarray) -> None:
         self.index[:rows] += 1
         self.position[active] += 1
-        return logits
+
+    def decode_mixed(self, tokens: dict[int, int], vision_rows: set[int]) -> dict[Head, jax.Array]:
+        """`decode` for rows of both kinds: rows in `vision_rows` feed vision tokens.
+
+        Returns {"text": [R, V], "vision": [R, V_vision]} (each row reads its head's).
+        """
+        rows, read, feed, active = self._decode_inputs(tokens)
+        is_vision = np.zeros(rows, bool)
+        is_vision[list(vision_rows)] = True
+        text, vision, self.pool = steps.decode_rows_mixed(
+            self.params, self.cfg, jnp.asarray(feed), jnp.asarray(is_vision), jnp.asarray(self.position[:rows]),
+            jnp.asarray(active[:rows]), self.pool, self.mesh, read)
+        self._advance(rows, active)
+        return {"text": text, "vision": vision}
 
     def read_bucket(self, slots: int) -> int:
         """Slots a decode step reads when the fullest row needs `slots`: a power of two

@@ -106,20 +106,42 @@ def decode_rows(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
     `read_length` (static) bounds the slots attended to. With a mesh the
     sequence-sharded decode attends to the whole cache and R must be all rows.
     """
+    out = _decode(params, cfg, tokens, jnp.full(tokens.shape, head == "vision"), positions, token_valid, cache,
+                  (head,), mesh, read_length)
+    logits = out.text_logits if head == "text" else out.vision_logits
+    return logits[:, -1], out.cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "read_length"), donate_argnames=("cache",))
+def decode_rows_mixed(params: Params, cfg: ModelConfig, tokens: jax.Array, vision_rows: jax.Array,
+                      positions: jax.Array, token_valid: jax.Array, cache: KVCache, mesh: Mesh | None = None,
+                      read_length: int | None = None) -> tuple[jax.Array, jax.Array, KVCache]:
+    """`decode_rows` for a batch whose rows feed text or vision tokens (`vision_rows` [R] bool).
+
+    Both heads' logits come back (text [R, V], vision [R, V_vision]); each row
+    reads the head of its kind. One call, not one per head: every call
+    advances every row's cache index, so a call per head would spend two
+    slots per token of each row.
+    """
+    out = _decode(params, cfg, tokens, vision_rows, positions, token_valid, cache, ("text", "vision"), mesh,
+                  read_length)
+    return out.text_logits[:, -1], out.vision_logits[:, -1], out.cache
+
+
+def _decode(params: Params, cfg: ModelConfig, tokens: jax.Array, vision_rows: jax.Array, positions: jax.Array,
+            token_valid: jax.Array, cache: KVCache, heads: tuple[Head, ...], mesh: Mesh | None,
+            read_length: int | None) -> transformer.Output:
     tokens = tokens[:, None]
-    vision_mask = jnp.full(tokens.shape, head == "vision")
+    vision_mask = vision_rows[:, None]
     if mesh is not None:
         if tokens.shape[0] != cache.batch_size:
             raise ValueError("the sharded decode runs every row of the cache")
-        out = ring_attention.forward_cached(params, cfg, mesh, tokens, vision_mask, positions[:, None],
-                                            cache, attention_mask=token_valid[:, None].astype(jnp.int32),
-                                            heads=(head,))
-    else:
-        out = transformer.forward(params, cfg, tokens, vision_mask, positions[:, None],
-                                  attention_mask=token_valid[:, None].astype(jnp.int32), cache=cache,
-                                  heads=(head,), cache_read_length=read_length)
-    logits = out.text_logits if head == "text" else out.vision_logits
-    return logits[:, -1], out.cache
+        return ring_attention.forward_cached(params, cfg, mesh, tokens, vision_mask, positions[:, None],
+                                             cache, attention_mask=token_valid[:, None].astype(jnp.int32),
+                                             heads=heads)
+    return transformer.forward(params, cfg, tokens, vision_mask, positions[:, None],
+                               attention_mask=token_valid[:, None].astype(jnp.int32), cache=cache,
+                               heads=heads, cache_read_length=read_length)
 
 
 def _slot_numbers(length: int, mesh: Mesh | None) -> jax.Array:

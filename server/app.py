@@ -20,7 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from lwm_serve.server.config import ServerSettings
 from lwm_serve.server.errors import install_error_handlers
 from lwm_serve.server.metrics import MetricsMiddleware, ServerMetrics
-from lwm_serve.server.routes import chat, completions, files, health, models, video
+from lwm_serve.server.routes import chat, completions, files, health, images, models, video, videos
 from lwm_serve.server.routes.playground import install_playground
 from lwm_serve.server.schemas.chat import ChatCompletionRequest, ChatMessage
 from lwm_serve.server.services import RuntimeLike, Services, build_services
@@ -79,6 +79,7 @@ def build_app(settings: ServerSettings, runtime: RuntimeLike | None = None) -> F
         finally:
             app.state.ready = False
             warm.cancel()
+            await services.videos.close()
             await asyncio.to_thread(services.engine.stop)
             services.close()
             logger.info("engine stopped")
@@ -90,7 +91,7 @@ def build_app(settings: ServerSettings, runtime: RuntimeLike | None = None) -> F
     app.state.ready = False
     app.state.metrics = ServerMetrics(app.state)
     for router in (health.router, models.router, chat.router, completions.router, files.router,
-                   video.router):
+                   video.router, images.router, videos.router):
         app.include_router(router)
     if settings.playground:
         install_playground(app)

@@ -85,6 +85,7 @@ _MEDIA_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--frame-layout", "frame_layout", {"choices": ["standard", "vision_chat"]}),
     ("--auto-fps", "auto_fps", {"action": argparse.BooleanOptionalAction}),
     ("--vision-cache-bytes", "vision_cache_bytes", {"type": _optional(int), "metavar": "BYTES|none"}),
+    ("--image-url-ttl", "image_url_ttl_s", {"type": float, "metavar": "SECONDS"}),
 ]
 
 

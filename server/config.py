@@ -159,6 +159,8 @@ class ServerSettings(BaseSettings):
         f"'vision_chat': {END_OF_VISION} after EVERY frame; exactly what the reference vision_chat script "
         f"feeds (it VQGAN-encodes one frame per batch and ends each batch with {END_OF_VISION}). One image: "
         "both agree"))
+    image_url_ttl_s: float = Field(3600.0, gt=0, description=(
+        "how long a generated image's URL (response_format 'url') stays valid"))
     auto_fps: bool = Field(False, description=(
         "when a video's frames do not fit the context, sample fewer (lower fps / max_frames) "
         "instead of answering 400; a request can also ask with the extra 'auto_fps': true"))

@@ -1,7 +1,8 @@
 """The objects built once at startup from a loaded runtime: engine, stores and handlers.
 
 Files live under `<data_dir>/files` (FileStore: blobs + SQLite), VQGAN codes under
-`<data_dir>/vision_cache`, media temp files under `<data_dir>/tmp` (emptied at start).
+`<data_dir>/vision_cache`, media temp files under `<data_dir>/tmp` (emptied at start),
+video jobs under `<data_dir>/jobs` (JobStore), images served by URL under `<data_dir>/images`.
 """
 
 from __future__ import annotations
@@ -19,11 +20,16 @@ from lwm_serve.server.handlers.chat import ChatHandler
 from lwm_serve.server.handlers.common import HandlerLimits
 from lwm_serve.server.handlers.completions import CompletionHandler
 from lwm_serve.server.handlers.files import FilesHandler
+from lwm_serve.server.handlers.frame_generation import FrameDrawer
+from lwm_serve.server.handlers.images import ImagesHandler
 from lwm_serve.server.handlers.models import ModelsHandler
 from lwm_serve.server.handlers.video_questions import VideoQuestionHandler
+from lwm_serve.server.handlers.videos import VideosHandler
 from lwm_serve.server.media_sources import SourceResolver, TempFiles
 from lwm_serve.server.stores.files import FileStore
 from lwm_serve.server.media_service import MediaService
+from lwm_serve.server.stores.jobs import JobStore
+from lwm_serve.server.stores.outputs import ExpiringOutputs
 from lwm_serve.tokenizers.vision_cache import VisionCache
 from lwm_serve.tokenizers.text import TextTokenizer
 
@@ -67,6 +73,8 @@ class Services:
     model_name: str
     files: FilesHandler
     video: VideoQuestionHandler
+    images: ImagesHandler
+    videos: VideosHandler
     vision: MediaService | None = None
 
     def close(self) -> None:
@@ -74,6 +82,7 @@ class Services:
         if self.vision is not None:
             self.vision.close()
         self.files.store.close()
+        self.videos.store.close()
 
 
 def build_services(settings: ServerSettings, runtime: RuntimeLike, observer: Any = None) -> Services:
@@ -99,6 +108,7 @@ def build_services(settings: ServerSettings, runtime: RuntimeLike, observer: Any
                                max_pixels=settings.max_media_pixels)
     logger.info("data dir %s (files, vision cache); VQGAN %s, frame layout %s", data,
                 "loaded" if vision is not None else "absent (image/video requests get 400)", settings.frame_layout)
+    drawer = FrameDrawer(engine, runtime.tokenizer, runtime.vqgan)
     return Services(
         runtime=runtime,
         engine=engine,
@@ -108,5 +118,7 @@ def build_services(settings: ServerSettings, runtime: RuntimeLike, observer: Any
         model_name=name,
         files=FilesHandler(store),
         video=VideoQuestionHandler(engine, runtime.tokenizer, name, vision, limits),
+        images=ImagesHandler(drawer, ExpiringOutputs(data / "images", settings.image_url_ttl_s), name),
+        videos=VideosHandler(drawer, JobStore(data / "jobs"), vision, name),
         vision=vision,
     )

@@ -297,8 +297,11 @@ class Engine:
             raise SchedulerClosedError("the server is shutting down" if self._draining
                                        else "the engine is not running")
         self.check_length(request.prompt_tokens, request.max_new_tokens)
-        if self.pool is not None and len(request.rows) > self.pool.num_slots:
-            raise ValueError(f"{len(request.rows)} choices do not fit the engine's {self.pool.num_slots} "
+        rows = len(request.prompt_rows)
+        if self.pool is not None and rows > self.pool.num_slots:
+            what = (f"{len(request.rows)} outputs with guidance ({rows} rows)" if request.use_cfg
+                    else f"{rows} choices")
+            raise ValueError(f"{what} do not fit the engine's {self.pool.num_slots} "
                              f"decode slots (--max-num-seqs)")
         record = RequestRecord(request.request_id, len(request.rows), request.max_new_tokens,
                                prompt_tokens=request.prompt_tokens)
@@ -402,7 +405,7 @@ class Engine:
             return
         pool = self.pool
         req = entry.request
-        rows = pool.allocate(len(req.rows))
+        rows = pool.allocate(len(req.prompt_rows))
         if rows is None:
             return  # wait for rows to free up (FIFO: nobody overtakes the head)
         self._scheduler.pop(entry)
@@ -410,15 +413,16 @@ class Engine:
         rec.status, rec.started = RequestStatus.RUNNING, time.monotonic()
         if req.timeout_s is None and self.request_timeout_s is not None:
             req = _with_timeout(req, self.request_timeout_s)
-        vocab = self.generator.cfg.vocab_size
+        cfg = self.generator.cfg
+        vocab = cfg.vocab_size if req.head == "text" else cfg.vision_vocab_size
         live = LiveRequest(entry, req, vocab, rows=rows)
         try:
             distinct: dict[tuple, int] = {}
-            for row in req.rows:
+            for row in req.prompt_rows:
                 key = (tuple(row.ids), tuple(row.mask()))
                 if key not in distinct:
                     distinct[key] = len(live.tasks)
-                    live.tasks.append(pool.start_prefill(row.ids, row.mask(), "text", reuse=req.reuse_prefix))
+                    live.tasks.append(pool.start_prefill(row.ids, row.mask(), req.head, reuse=req.reuse_prefix))
                 live.task_of_row.append(distinct[key])
         except Exception as exc:
             self._finish(live, exc)
@@ -458,20 +462,40 @@ class Engine:
         logits = jnp.concatenate([t.logits for t in live.tasks], axis=0)
         live.tasks = []  # their caches live on in the prefix cache only
         self._prefilling = None
-        outputs = live_lib.sample([live], logits, [live.task_of_row])
+        outputs = live_lib.sample([live], logits, [live.task_of_row], use_cfg=live.request.use_cfg)
         self._decoding.append(live)
         self._hand_out([live], outputs)
 
     def _decode(self) -> None:
+        """One model step over every decoding row, then one sampling call per kind of
+        request (text, vision, vision with guidance).
+
+        Rows of both heads share ONE model call (`SlotPool.decode` with per-row heads):
+        a call per head would advance every pool row's cache index once per call,
+        so chat rows running beside a generation job would use two slots per token.
+        """
         pool = self.pool
-        feed = {}
+        feed, vision_rows = {}, set()
         for live in self._decoding:
             for r, row in enumerate(live.rows):
-                feed[row] = int(live.last[r])
-        logits = pool.decode(feed, "text")
-        outputs = live_lib.sample(self._decoding, logits, [live.rows for live in self._decoding],
-                                  pad_to=logits.shape[0])
-        self._hand_out(list(self._decoding), outputs)
+                feed[row] = int(live.last[r % live.n])  # a guided output feeds its cond and uncond rows
+                if live.request.head == "vision":
+                    vision_rows.add(row)
+        if not vision_rows:
+            logits = {"text": pool.decode(feed, "text")}
+        elif len(vision_rows) == len(feed):
+            logits = {"vision": pool.decode(feed, "vision")}
+        else:
+            logits = pool.decode_mixed(feed, vision_rows)
+        outputs: dict[int, StepOutput] = {}
+        for group in live_lib.sampling_groups(self._decoding):
+            head_logits = logits[group[0].request.head]
+            sampled = live_lib.sample(group, head_logits, [live.rows for live in group],
+                                      pad_to=head_logits.shape[0] // (2 if group[0].request.use_cfg else 1),
+                                      use_cfg=group[0].request.use_cfg)
+            outputs.update({id(live): out for live, out in zip(group, sampled)})
+        lives = list(self._decoding)
+        self._hand_out(lives, [outputs[id(live)] for live in lives])
 
     def _hand_out(self, lives: list[LiveRequest], outputs: list[StepOutput]) -> None:
         now = time.monotonic()

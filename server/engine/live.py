@@ -30,9 +30,10 @@ _PAD_SAMPLING = SamplingParams(temperature=0.0)
 class LiveRequest:
     """One admitted request.
 
-    Output row r of the request decodes in pool row `rows[r]`. Its prompt rows
-    are prefilled once per distinct prompt (`tasks`; n choices of one prompt
-    share a single prefill).
+    Output row r of the request decodes in pool row `rows[r]` (with guidance,
+    its unconditional partner in `rows[n + r]`). Its prompt rows are prefilled
+    once per distinct prompt (`tasks`; n choices of one prompt share a single
+    prefill).
     """
 
     entry: Any                     # the engine's queue entry (request, record, delivery)
@@ -53,7 +54,8 @@ class LiveRequest:
     def __post_init__(self) -> None:
         req = self.request
         n = len(req.rows)
-        self.keys = row_keys(seed_key(req.seed), n)
+        start = jnp.asarray(req.key, jnp.uint32) if req.key is not None else seed_key(req.seed)
+        self.keys = row_keys(start, n)
         self.finished = np.zeros(n, bool)
         self.stop = np.asarray(sorted(set(req.stop_token_ids)), np.int32)
         if SamplingFeatures.of(list(req.sampling)).penalties:
@@ -74,25 +76,37 @@ class LiveRequest:
         return bool(self.finished.all()) or self.step >= self.request.max_new_tokens
 
 
+def sampling_groups(lives: Sequence[LiveRequest]) -> list[list[LiveRequest]]:
+    """Requests sampled together: same head and same guidance (CFG mixes [cond..., uncond...])."""
+    groups: dict[tuple[str, bool], list[LiveRequest]] = {}
+    for live in lives:
+        groups.setdefault((live.request.head, live.request.use_cfg), []).append(live)
+    return list(groups.values())
+
+
 def sample(live: Sequence[LiveRequest], logits: jax.Array, row_of: Sequence[Sequence[int]],
-           pad_to: int | None = None) -> list[StepOutput]:
+           pad_to: int | None = None, use_cfg: bool = False) -> list[StepOutput]:
     """Samples one token for every output row of `live` and advances their state.
 
     Args:
-      live: the requests sampled together.
-      logits: [R, V]; request i's output row r reads logits[row_of[i][r]].
+      live: the requests sampled together (all guided, or none).
+      logits: [R, V]; request i's output row r reads logits[row_of[i][r]]
+        (with `use_cfg`, its unconditional partner logits[row_of[i][n + r]]).
       pad_to: sample over this many rows (padding with greedy dummies), so the
         sampling step compiles once per pool size rather than per mix of requests.
+      use_cfg: mix each row's cond/uncond logits with its `cfg_scale`.
     Returns:
       One StepOutput per request, in order.
     """
     sampling: list[SamplingParams] = []
     take: list[int] = []
+    uncond: list[int] = []
     keys, counts = [], []
     penalties = any(r.counts is not None for r in live)
     for req, rows in zip(live, row_of):
         sampling.extend(req.request.sampling)
-        take.extend(rows)
+        take.extend(rows[:req.n])
+        uncond.extend(rows[req.n:2 * req.n] if use_cfg else ())
         keys.append(req.keys)
         if penalties:
             counts.append(req.counts if req.counts is not None else np.zeros((req.n, req.vocab), np.int32))
@@ -100,6 +114,8 @@ def sample(live: Sequence[LiveRequest], logits: jax.Array, row_of: Sequence[Sequ
     width = max(pad_to or used, used)
     sampling += [_PAD_SAMPLING] * (width - used)
     take += [take[0]] * (width - used)
+    if use_cfg:
+        take += uncond + [uncond[0]] * (width - used)
     keys_arr = np.concatenate(keys + [np.zeros((width - used, 2), np.uint32)])
     counts_arr = None
     if penalties:
@@ -108,11 +124,12 @@ def sample(live: Sequence[LiveRequest], logits: jax.Array, row_of: Sequence[Sequ
     if not any(r.request.logprobs or r.request.top_logprobs for r in live):
         top_n = -1
     rows = logits[jnp.asarray(take)] if take != list(range(logits.shape[0])) else logits
+    cfg_scale = np.asarray([s.cfg_scale for s in sampling], np.float32) if use_cfg else np.ones(width, np.float32)
     with jax.threefry_partitionable(False):
         tokens, next_keys, chosen, top_vals, top_ids = steps.sample_rows(
             jnp.asarray(keys_arr), rows, SamplingArrays.from_params(sampling),
             None if counts_arr is None else jnp.asarray(counts_arr),
-            jnp.ones((width,), jnp.float32), False, top_n, SamplingFeatures.of(sampling))
+            jnp.asarray(cfg_scale), use_cfg, top_n, SamplingFeatures.of(sampling))
     tokens, next_keys = np.asarray(tokens), np.asarray(next_keys)
     chosen, top_vals, top_ids = np.asarray(chosen), np.asarray(top_vals), np.asarray(top_ids)
     outputs, at = [], 0
@@ -123,6 +140,9 @@ def sample(live: Sequence[LiveRequest], logits: jax.Array, row_of: Sequence[Sequ
         req.keys = next_keys[sl]
         if req.counts is not None:
             req.counts[np.arange(req.n), toks] += 1
+        forced = req.request.forced_tokens(req.step) if req.request.forced_tokens is not None else None
+        if forced is not None:  # dictated, not sampled (as the reference's frame delimiters)
+            toks = np.full_like(toks, forced)
         k = req.request.top_logprobs
         now_finished = ~req.finished & np.isin(toks, req.stop)
         req.finished |= now_finished

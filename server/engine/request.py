@@ -11,7 +11,7 @@ import enum
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 from lwm_serve.model.generation import PromptRow
 from lwm_serve.model.sampling import SamplingParams
@@ -71,6 +71,17 @@ class GenerationRequest:
         session: keep this prompt's prefill pinned in the prefix cache under
             this name until the session is released (follow-up questions).
         reuse_prefix: look the prompt up in the prefix cache (and keep it after).
+        head: "text" samples from `lm_head`, "vision" from `vision_head` (VQGAN
+            codes; every fed token is then a vision token).
+        uncond_rows: classifier-free guidance: one unconditional prompt per row.
+            Each output then holds two pool rows (cond, uncond) fed the same
+            token, and is sampled from `uncond + cfg_scale * (cond - uncond)`
+            with its SamplingParams' `cfg_scale`.
+        forced_tokens: step -> a token emitted instead of the sampled one (or
+            None): the vision layout's frame delimiters.
+        key: an explicit raw [2] uint32 threefry key to start the rows' chains
+            from instead of `seed_key(seed)` (reference key chains, for parity
+            with LWM's own scripts).
     """
 
     request_id: str
@@ -84,16 +95,31 @@ class GenerationRequest:
     timeout_s: float | None = None
     session: str | None = None
     reuse_prefix: bool = True
+    head: Literal["text", "vision"] = "text"
+    uncond_rows: Sequence[PromptRow] | None = None
+    forced_tokens: Callable[[int], "int | None"] | None = None
+    key: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not self.rows or len(self.rows) != len(self.sampling):
             raise ValueError("a request needs at least one row and one SamplingParams per row")
+        if self.uncond_rows is not None and len(self.uncond_rows) != len(self.rows):
+            raise ValueError("uncond_rows must pair with rows")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
     @property
+    def prompt_rows(self) -> list[PromptRow]:
+        """Every prompt row the request occupies in the pool: rows, then uncond rows."""
+        return list(self.rows) + list(self.uncond_rows or ())
+
+    @property
+    def use_cfg(self) -> bool:
+        return self.uncond_rows is not None
+
+    @property
     def prompt_tokens(self) -> int:
-        return max(len(r.ids) for r in self.rows)
+        return max(len(r.ids) for r in self.prompt_rows)
 
 
 @dataclass

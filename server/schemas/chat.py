@@ -88,7 +88,9 @@ class ChatCompletionRequest(OpenAIBaseModel):
         if self.audio is not None:
             out.append(("audio", "audio output is not supported by this server"))
         if self.modalities and set(self.modalities) != {"text"}:
-            out.append(("modalities", f"modalities {self.modalities} are not supported; only ['text'] is"))
+            out.append(("modalities", f"modalities {self.modalities} are not supported by chat completions; "
+                        "only ['text'] is: generate images with POST /v1/images/generations and videos with "
+                        "POST /v1/videos"))
         if self.prediction is not None:
             out.append(("prediction", "predicted outputs are not supported by this server"))
         if self.web_search_options is not None:
