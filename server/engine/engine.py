@@ -363,8 +363,8 @@ class Engine:
                 self._lose(exc)
                 return
             except Exception as exc:  # a bug or a device failure: fail what runs, keep serving
-                if self._lost is not None:  # ...or the collective of a lost process
-                    self._lose(self._lost)
+                if self.replica is not None and not self.replica.probe():  # ...or a lost process
+                    self._lose(self._lost or ReplicaLostError(self.replica.lost_reason))
                     return
                 logger.exception("engine step failed")
                 for live in list(self._decoding) + ([self._prefilling] if self._prefilling else []):

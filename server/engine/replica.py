@@ -53,6 +53,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lwm_serve.model.generation import Generator
 from lwm_serve.model.prefix_cache import PrefixCache, PrefixEntry
 from lwm_serve.model.runner import Head, PrefillTask, SlotPool
+from lwm_serve.server.engine.scheduler import SchedulerClosedError
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +78,9 @@ class Op(enum.IntEnum):
     STOP = 12
 
 
-class ReplicaLostError(RuntimeError):
-    """A process of the multi-host run is gone: the global mesh cannot run any more."""
+class ReplicaLostError(SchedulerClosedError):
+    """A process of the multi-host run is gone: the global mesh cannot run any more
+    (the engine is closed for good: HTTP 503 wherever it surfaces)."""
 
 
 def _split64(value: int) -> list[int]:
@@ -234,6 +236,15 @@ class Leader:
             raise ReplicaLostError(f"multi-host run broken: {self._lost}")
         if self._pending or (not busy and time.monotonic() - self._last >= self.heartbeat_s):
             self.send(Op.NOOP)
+
+    def probe(self) -> bool:
+        """Whether every process still answers (a heartbeat now, after a failed step:
+        a collective with a dead process fails like any other device error)."""
+        try:
+            self.send(Op.NOOP)
+        except ReplicaLostError:
+            return False
+        return True
 
     def close(self, wait_s: float = 30.0) -> None:
         """Tells every follower to exit (once; nothing when the run is already broken), and

@@ -10,6 +10,7 @@ the server unready with 503s, not leave clients hanging.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -113,8 +114,33 @@ def _video_answer(base_url: str, clip: Path, headers: dict[str, str] | None = No
     return body["answer"]
 
 
-def test_two_processes_answer_like_one_and_stop_together(tmp_path, reference_dir, vision_runtime, make_server,
-                                                         auth_headers, server_media):
+def _wait_unready(run: Run, bound: float) -> None:
+    deadline = time.monotonic() + bound
+    status = 200
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{run.base_url}/ready", timeout=10).status_code
+        if status == 503:
+            return
+        time.sleep(0.5)
+    pytest.fail(f"/ready still {status} {bound} s after the follower died:\n{run.output()}")
+
+
+def _assert_refused_not_hung(run: Run) -> None:
+    with pytest.raises(openai.APIStatusError) as info:
+        _chat_tokens(run.base_url)  # 120 s client timeout: a hang fails as a timeout instead
+    assert info.value.status_code == 503
+    assert "multi-host run broken" in info.value.response.json()["error"]["message"]
+    assert httpx.get(f"{run.base_url}/health", timeout=10).status_code == 200  # up, and saying why
+    assert run.leader.poll() is None
+
+
+# Noticed at the leader's next broadcast (the current step, or the idle heartbeat a second
+# later), at the latest after the distributed runtime's heartbeat timeout: bounded either way.
+NOTICE_BOUND_S = HEARTBEAT_TIMEOUT_S + 30
+
+
+def test_two_processes_answer_like_one_and_a_follower_dying_mid_stream_fails_cleanly(
+        tmp_path, reference_dir, vision_runtime, make_server, auth_headers, server_media):
     clip = server_media / "h264.mp4"
     one = make_server(vision_runtime)  # the single-process answers
     expected_chat = _chat_tokens(one.base_url, auth_headers["Authorization"].split()[-1])
@@ -128,38 +154,54 @@ def test_two_processes_answer_like_one_and_stop_together(tmp_path, reference_dir
         assert "mesh {'dp': 1, 'fsdp': 1, 'tp': 1, 'sp': 8} over 8 cpu devices" in out, out
         assert _chat_tokens(run.base_url) == expected_chat
         assert _video_answer(run.base_url, clip) == expected_video
+
+        # A long stream in flight when the follower dies ends with an error event, not a hang.
+        body = {"model": "lwm-fixture", "messages": CHAT, "max_tokens": 900, "temperature": 0,
+                "stream": True, "stream_options": {"include_usage": True}}
+        events: list[str] = []
+        with httpx.stream("POST", f"{run.base_url}/v1/chat/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            tokens = 0
+            for line in lines:
+                tokens += line.startswith("data: ")
+                if tokens == 4:
+                    break  # the role chunk, then tokens: generating
+            run.follower.kill()
+            deadline = time.monotonic() + NOTICE_BOUND_S
+            for line in lines:  # keep-alive comments come every few seconds: the deadline is checked
+                if line.startswith("data: "):
+                    events.append(line[len("data: "):])
+                assert time.monotonic() < deadline, f"the stream still runs:\n{run.output()}"
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert "multi-host run broken" in error["message"], error
+        _wait_unready(run, NOTICE_BOUND_S)
+        _assert_refused_not_hung(run)
         run.leader.send_signal(signal.SIGTERM)
         assert run.leader.wait(60) in STOPPED_BY_SIGTERM, run.output()
-        assert run.follower.wait(60) == 0, run.output()  # process 0 told it to stop
-        assert "process 0 said stop" in run.output()
     finally:
         run.stop()
 
 
-def test_a_dead_follower_makes_the_server_unready_with_503_not_a_hang(tmp_path, reference_dir):
-    run = _start(tmp_path, reference_dir, "--no-warmup", follower_by_env=True)
+def test_an_idle_server_notices_a_dead_follower(tmp_path, reference_dir):
+    run = _start(tmp_path, reference_dir, "--no-warmup")
     try:
-        assert "process 1 of 2 (8 devices in all, 4 here)" in run.output()  # joined from the environment
         run.follower.kill()
         run.follower.wait(30)
-        # Noticed at the leader's next heartbeat broadcast (a second when idle), at the
-        # latest after the distributed runtime's heartbeat timeout: bounded either way.
-        bound = HEARTBEAT_TIMEOUT_S + 30
-        deadline = time.monotonic() + bound
-        status = 200
-        while time.monotonic() < deadline:
-            status = httpx.get(f"{run.base_url}/ready", timeout=10).status_code
-            if status == 503:
-                break
-            time.sleep(0.5)
-        assert status == 503, f"/ready still {status} {bound} s after the follower died:\n{run.output()}"
-        with pytest.raises(openai.APIStatusError) as info:
-            _chat_tokens(run.base_url)  # 120 s client timeout: a hang fails as a timeout instead
-        assert info.value.status_code == 503
-        assert "multi-host run broken" in info.value.response.json()["error"]["message"]
-        assert httpx.get(f"{run.base_url}/health", timeout=10).status_code == 200  # up, saying why
-        assert run.leader.poll() is None
+        _wait_unready(run, NOTICE_BOUND_S)
+        _assert_refused_not_hung(run)
+    finally:
+        run.stop()
+
+
+def test_a_follower_joins_from_the_environment_and_stops_with_process_0(tmp_path, reference_dir):
+    run = _start(tmp_path, reference_dir, "--no-warmup", follower_by_env=True)
+    try:
+        assert "process 1 of 2 (8 devices in all, 4 here)" in run.output()  # JAX_* variables only
         run.leader.send_signal(signal.SIGTERM)
         assert run.leader.wait(60) in STOPPED_BY_SIGTERM, run.output()
+        assert run.follower.wait(60) == 0, run.output()  # process 0 told it to stop
+        assert "process 0 said stop" in run.output()
     finally:
         run.stop()
