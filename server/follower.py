@@ -48,14 +48,12 @@ def _watch_the_run(done: threading.Event) -> None:
     live = live_processes()
     if live is None:
         return
-    expected = jax.process_count()
-
     def watch() -> None:
         while not done.wait(WATCH_S):
             try:
-                seen = live()
+                seen, expected = live()
             except Exception:  # the coordination service (on process 0) is gone
-                seen = 0
+                seen, expected = 0, jax.process_count()
             if seen < expected and not done.is_set():
                 logger.error("a process of the multi-host run is gone (%d of %d alive): exiting",
                              seen, expected)

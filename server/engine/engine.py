@@ -287,9 +287,11 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Admits a request (call on the event loop). Raises QueueFullError when full."""
+        if self._lost is not None:
+            raise SchedulerClosedError(f"the engine is not running: {self._lost}")
         if not self.alive or self._draining:
             raise SchedulerClosedError("the server is shutting down" if self._draining
-                                       else f"the engine is not running{f' ({self._lost})' if self._lost else ''}")
+                                       else "the engine is not running")
         self.check_length(request.prompt_tokens, request.max_new_tokens)
         if self.pool is not None and len(request.rows) > self.pool.num_slots:
             raise ValueError(f"{len(request.rows)} choices do not fit the engine's {self.pool.num_slots} "
@@ -380,13 +382,13 @@ class Engine:
             self._lost = error
         for entry in self._scheduler.close():
             entry.record.status = RequestStatus.FAILED
-            self._deliver(entry, _Failure(SchedulerClosedError(str(error))))
+            self._deliver(entry, _Failure(error))
             self._deliver(entry, _END)
         for live in list(self._decoding) + ([self._prefilling] if self._prefilling else []):
             if threading.current_thread() is self._thread:
-                self._finish(live, SchedulerClosedError(str(error)))
+                self._finish(live, error)
             else:  # the worker is stuck: hand the failure out directly
-                self._deliver(live.entry, _Failure(SchedulerClosedError(str(error))))
+                self._deliver(live.entry, _Failure(error))
                 self._deliver(live.entry, _END)
 
     def _end_all(self) -> None:

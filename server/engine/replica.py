@@ -111,16 +111,16 @@ def to_local(x: jax.Array) -> jax.Array:
     return x.addressable_data(0)
 
 
-def live_processes() -> Callable[[], int] | None:
-    """How many processes the distributed runtime sees alive (its heartbeats), or None
-    when this JAX does not expose it."""
+def live_processes() -> Callable[[], tuple[int, int]] | None:
+    """A function telling how many of the run's processes the distributed runtime sees
+    alive (its heartbeats), and of how many; None when this JAX does not expose it."""
     from jax._src import distributed  # the client is not public API; used read-only
 
     client = distributed.global_state.client
     if client is None or not hasattr(client, "get_live_nodes"):
         return None
     ids = list(range(jax.process_count()))
-    return lambda: len(client.get_live_nodes(ids))
+    return lambda: (len(client.get_live_nodes(ids)), len(ids))
 
 
 # ---------------------------------------------------------------------------- leader
@@ -172,14 +172,13 @@ class Leader:
         live = live_processes() if self.watch_s > 0 else None
         if live is None or self._watchdog is not None:
             return
-        expected = jax.process_count()
 
         def watch() -> None:
             while self._lost is None and not self._stopped:
                 try:
-                    seen = live()
+                    seen, expected = live()
                 except Exception as exc:  # the coordination service itself is gone
-                    seen, why = 0, f"the distributed runtime failed ({exc})"
+                    seen, expected, why = 0, 1, f"the distributed runtime failed ({exc})"
                 else:
                     why = f"{expected - seen} of {expected} processes stopped sending heartbeats"
                 if seen < expected and not self._stopped:
@@ -264,7 +263,7 @@ class Leader:
         deadline = time.monotonic() + wait_s
         while live is not None and time.monotonic() < deadline:
             try:
-                if live() <= 1:
+                if live()[0] <= 1:
                     break
             except Exception:
                 break

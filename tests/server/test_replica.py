@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
+import threading
+import time
 
 import httpx
 import numpy as np
@@ -65,3 +68,48 @@ def test_follower_replay_ends_with_the_leaders_pool_and_prefix_cache(fixture_run
         [e.ids.tolist() for e in follower.prefix._entries.values()]
     # Tasks the leader let go of were dropped by the follower too.
     assert not follower.tasks
+
+
+def test_a_collective_that_never_returns_is_cut_short_by_the_watchdog(fixture_runtime, make_server,
+                                                                      auth_headers, monkeypatch):
+    """A dead TPU host hangs its peers' collectives instead of failing them: the watchdog
+    (the distributed runtime's live processes) must fail the requests and turn /ready 503
+    while the engine's worker is still stuck in the broadcast."""
+    hang, release = threading.Event(), threading.Event()
+    alive = [2]
+
+    def broadcast(x):
+        if hang.is_set():
+            release.wait(120)  # the collective with a dead process: no answer
+        return np.asarray(x)
+
+    monkeypatch.setattr(replica.multihost_utils, "broadcast_one_to_all", broadcast)
+    monkeypatch.setattr(replica, "live_processes", lambda: (lambda: (alive[0], 2)))
+    server = make_server(dataclasses.replace(fixture_runtime, replica=replica.Leader(heartbeat_s=0.2, watch_s=0.1)))
+    url = f"{server.base_url}/v1/chat/completions"
+    body = {"model": "lwm-fixture", "messages": [{"role": "user", "content": LONG}], "max_tokens": 600,
+            "temperature": 0, "stream": True}
+    events = []
+    try:
+        with httpx.stream("POST", url, json=body, headers=auth_headers, timeout=60) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            for line in lines:
+                if line.startswith("data: "):
+                    events.append(line[len("data: "):])
+                if len(events) == 3:
+                    hang.set()   # the worker's next broadcast never returns...
+                    alive[0] = 1  # ...and the runtime stops hearing from process 1
+                    break
+            deadline = time.monotonic() + 30
+            for line in lines:
+                if line.startswith("data: "):
+                    events.append(line[len("data: "):])
+                assert time.monotonic() < deadline, "the stream hangs with its collective"
+        assert events[-1] == "[DONE]"
+        assert "1 of 2 processes stopped sending heartbeats" in json.loads(events[-2])["error"]["message"]
+        assert httpx.get(f"{server.base_url}/ready").status_code == 503
+        again = httpx.post(url, json={**body, "stream": False}, headers=auth_headers, timeout=30)
+        assert again.status_code == 503 and "multi-host run broken" in again.json()["error"]["message"]
+    finally:
+        release.set()  # let the stuck worker go so the server can stop
