@@ -181,7 +181,8 @@ def main() -> None:
                 r["ratio"] = r["tok_s"] / one
                 print(f"{r['clients']:>8} {r['tok_s']:>9.1f} {r['ratio']:>10.2f} {r['ttft_p50']:>9.3f} "
                       f"{r['ttft_p99']:>9.3f} {r['itl_p50']:>8.4f} {r['itl_p99']:>8.4f}")
-            video = asyncio.run(video_run(base, args.video_frames, 8))
+            frames = min(args.video_frames, (args.max_model_len - 256) // 257)  # what the context holds
+            video = asyncio.run(video_run(base, frames, 8))
             print(f"video ({video['frames']} frames): first ask TTFT {video['first_ttft']:.3f} s, same again "
                   f"{video['same_again_ttft']:.3f} s (cached {video['same_again_cached'][0]}/"
                   f"{video['same_again_cached'][1]}), follow-up {video['follow_up_ttft']:.3f} s (cached "

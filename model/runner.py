@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 Head = Literal["text", "vision"]
 TAIL_MIN_BUCKET = 32
+MIN_READ = 512  # shortest slot range a decode step reads (fewer shapes to compile)
 
 
 def next_power_of_two(n: int) -> int:
@@ -260,8 +261,7 @@ class SlotPool:
         active[list(tokens)] = True
         if self.mesh is None:
             rows = min(self.num_slots, next_power_of_two(max(tokens) + 1))
-            read = min(self.max_length, max(steps.MIN_BUCKET,
-                                            next_power_of_two(int(self.index[active].max()) + 1)))
+            read = self.read_bucket(int(self.index[active].max()) + 1)
         else:
             rows, read = self.num_slots, None
         feed = np.zeros(rows, np.int32)
@@ -273,6 +273,40 @@ class SlotPool:
         self.index[:rows] += 1
         self.position[active] += 1
         return logits
+
+    def read_bucket(self, slots: int) -> int:
+        """Slots a decode step reads when the fullest row needs `slots`: a power of two
+        from MIN_READ on, so a step compiles for few lengths."""
+        return min(self.max_length, max(MIN_READ, next_power_of_two(slots)))
+
+    def decode_shapes(self) -> list[tuple[int, int | None]]:
+        """Every (rows, read length) a decode step can take: what `precompile` builds."""
+        if self.mesh is not None:
+            return [(self.num_slots, None)]
+        rows, r = [], 1
+        while r < self.num_slots:
+            rows.append(r)
+            r *= 2
+        rows.append(self.num_slots)
+        reads, n = [], MIN_READ
+        while n < self.max_length:
+            reads.append(n)
+            n *= 2
+        reads.append(self.max_length)
+        return [(r, n) for r in rows for n in sorted(set(min(x, self.max_length) for x in reads))]
+
+    def precompile(self, head: Head = "text") -> int:
+        """Compiles every decode shape ahead of serving (a request then never waits for
+        one); the pool's contents are unchanged in what matters (no row is in use)."""
+        if self.used.any():
+            raise RuntimeError("precompile runs before any row is used")
+        for rows, read in self.decode_shapes():
+            # A real step with every token invalid: it writes only empty slots, and `insert`
+            # resets a row's index before the row is used.
+            _, self.pool = steps.decode_rows(
+                self.params, self.cfg, jnp.zeros(rows, jnp.int32), jnp.zeros(rows, jnp.int32),
+                jnp.zeros(rows, bool), self.pool, head, self.mesh, read)
+        return len(self.decode_shapes())
 
     def room(self, row: int) -> int:
         """Tokens row `row` can still take."""

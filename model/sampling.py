@@ -91,7 +91,8 @@ class SamplingArrays:
         f32 = lambda xs: jnp.asarray(np.asarray(xs, np.float32))  # noqa: E731
         return cls(
             temperature=f32([p.temperature for p in rows]),
-            top_k=jnp.asarray(np.asarray([p.top_k for p in rows], np.int32)),
+            # any k past the vocabulary keeps every token (apply_top_k): clip into int32
+            top_k=jnp.asarray(np.asarray([min(p.top_k, np.iinfo(np.int32).max) for p in rows], np.int32)),
             top_p=f32([p.top_p for p in rows]),
             presence_penalty=f32([p.presence_penalty for p in rows]),
             frequency_penalty=f32([p.frequency_penalty for p in rows]),

@@ -21,6 +21,7 @@ from lwm_serve.server.config import ServerSettings
 from lwm_serve.server.errors import install_error_handlers
 from lwm_serve.server.metrics import MetricsMiddleware, ServerMetrics
 from lwm_serve.server.routes import chat, completions, files, health, models, video
+from lwm_serve.server.routes.playground import install_playground
 from lwm_serve.server.schemas.chat import ChatCompletionRequest, ChatMessage
 from lwm_serve.server.services import RuntimeLike, Services, build_services
 
@@ -48,7 +49,8 @@ def load_runtime_for(settings: ServerSettings, *, progress: bool = True) -> Runt
 
 
 async def warm_up(services: Services) -> None:
-    """One tiny greedy chat request through the whole stack (compiles prefill/decode)."""
+    """One tiny greedy chat request through the whole stack (compiles a prefill; it
+    waits behind the engine's precompile of every decode shape)."""
     req = ChatCompletionRequest(messages=[ChatMessage(role="user", content="Hi")], max_tokens=2, temperature=0)
     await services.chat.create(req)
 
@@ -68,7 +70,7 @@ def build_app(settings: ServerSettings, runtime: RuntimeLike | None = None) -> F
             logger.info("loading model %s", settings.model)
             rt = await asyncio.to_thread(load_runtime_for, settings)
         services = build_services(settings, rt, observer=app.state.metrics)
-        services.engine.start()
+        services.engine.start(precompile=settings.warmup)
         app.state.services = services
         warm = asyncio.create_task(_warm_then_ready(app, services, settings.warmup))
         logger.info("serving %r", services.model_name)
@@ -90,6 +92,8 @@ def build_app(settings: ServerSettings, runtime: RuntimeLike | None = None) -> F
     for router in (health.router, models.router, chat.router, completions.router, files.router,
                    video.router):
         app.include_router(router)
+    if settings.playground:
+        install_playground(app)
     app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                        allow_headers=["*"])
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

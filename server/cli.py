@@ -65,6 +65,7 @@ _SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--kv-cache-bytes", "kv_cache_bytes", {"type": _optional(int), "metavar": "BYTES|none"}),
     ("--prefix-cache-bytes", "prefix_cache_bytes", {"type": int, "metavar": "BYTES"}),
     ("--request-timeout", "request_timeout_s", {"type": _optional(float), "metavar": "SECONDS|none"}),
+    ("--playground", "playground", {"action": argparse.BooleanOptionalAction}),
 ]
 _DEPLOY_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--accelerator", "accelerator", {"choices": ["auto", "cpu", "gpu", "tpu"]}),

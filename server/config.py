@@ -108,6 +108,8 @@ class ServerSettings(BaseSettings):
     api_key: str | None = Field(None, description="one more accepted key (env LWM_SERVE_API_KEY)")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"], description="CORS allowed origins")
     log_level: LogLevel = Field("info", description="log level")
+    playground: bool = Field(True, description=(
+        "serve the web playground (static page) at / and /playground; --no-playground for API-only deployments"))
     # --- engine
     max_queue: int = Field(64, ge=1, description="requests waiting for the model beyond which 503 is returned")
     max_batch: int = Field(16, ge=1, description="most rows (prompts x n) one request may ask for")

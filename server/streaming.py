@@ -54,12 +54,13 @@ def sse_frame(chunk: dict | SSEComment | SSEEvent) -> str:
 
 
 async def sse_events(chunks: AsyncIterator[dict | SSEComment | SSEEvent],
-                     keepalive_s: float = KEEPALIVE_S) -> AsyncIterator[str]:
+                     keepalive_s: float | None = None) -> AsyncIterator[str]:
     """Frames chunk dicts (and comments / named events) as SSE; an error becomes one
     error event; always ends with [DONE] (unless the client is gone, in which case
     nothing more is sent). While the next chunk is slow to come (a long prefill or
     ingest), a `: keep-alive` comment goes out every `keepalive_s` so proxies with
     idle timeouts do not cut the stream."""
+    keepalive_s = keepalive_s or KEEPALIVE_S
     pending: asyncio.Future | None = None
     try:
         while True:

@@ -117,12 +117,19 @@ def token_count(n_frames: int) -> int:
     return n_frames * TOKENS_PER_FRAME
 
 
-def estimate_n_frames(spec: SamplingSpec, n_frames: int, duration_s: float) -> int:
-    """Frames `spec` would pick from a constant-rate video of `n_frames` over `duration_s`.
+def estimate_timestamps(spec: SamplingSpec, n_frames: int, duration_s: float) -> list[float]:
+    """Times (seconds) of the frames `spec` would pick from a constant-rate video of
+    `n_frames` over `duration_s`.
 
-    For budgeting before decoding (probe first); the real selection uses real pts.
+    For budgeting and previews before decoding (probe first); the real selection uses real pts.
     """
     if n_frames <= 0:
-        return 0
+        return []
     step = duration_s / n_frames if duration_s > 0 else 0.0
-    return len(select_frames([i * step for i in range(n_frames)], spec))
+    timeline = [i * step for i in range(n_frames)]
+    return [timeline[i] for i in select_frames(timeline, spec)]
+
+
+def estimate_n_frames(spec: SamplingSpec, n_frames: int, duration_s: float) -> int:
+    """How many frames `estimate_timestamps` picks."""
+    return len(estimate_timestamps(spec, n_frames, duration_s))

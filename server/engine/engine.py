@@ -35,9 +35,10 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Protocol
 
 import jax.numpy as jnp
-from lwm_serve.model.generation import ContextLengthError, Generator, StepOutput
+from lwm_serve.model.generation import ContextLengthError, Generator, PromptRow, StepOutput
 from lwm_serve.model.prefix_cache import PrefixCache
 from lwm_serve.model.runner import SlotPool, prompt_offset
+from lwm_serve.model.sampling import SamplingParams
 from lwm_serve.server.engine import live as live_lib
 from lwm_serve.server.engine.live import LiveRequest
 from lwm_serve.server.engine.replica import Leader, ReplicaLostError
@@ -202,6 +203,7 @@ class Engine:
         self._prefilling: LiveRequest | None = None
         self._decoding: list[LiveRequest] = []
         self._draining = False
+        self._precompile_first = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -223,7 +225,24 @@ class Engine:
                     self.prefix_cache.budget / 2**20)
         return pool
 
-    def start(self) -> None:
+    def _precompile(self) -> None:
+        """Compiles every decode shape and the common sampling steps (on the worker,
+        before its first request: a request then never stalls the batch on a compile)."""
+        t0 = time.monotonic()
+        shapes = self.pool.precompile()
+        logits = jnp.zeros((1, self.generator.cfg.vocab_size), jnp.float32)
+        widths = sorted({rows for rows, _ in self.pool.decode_shapes()})
+        for width in widths:
+            for temperature in (0.0, 1.0):
+                req = GenerationRequest("precompile", [PromptRow([0])], [SamplingParams(temperature=temperature)], 1)
+                live = LiveRequest(None, req, self.generator.cfg.vocab_size)
+                live_lib.sample([live], jnp.repeat(logits, width, axis=0), [[0]], pad_to=width)
+        logger.info("precompiled %d decode shapes and %d sampling widths in %.1f s", shapes, len(widths),
+                    time.monotonic() - t0)
+
+    def start(self, precompile: bool = False) -> None:
+        """Starts the worker (with `precompile`, it first compiles every decode shape;
+        requests submitted meanwhile wait in the queue)."""
         if self._thread is not None:
             return
         if self.pool is None:
@@ -231,6 +250,7 @@ class Engine:
         if self.replica is not None:
             self.replica.on_lost(self._lose)
             self.replica.start_watchdog()
+        self._precompile_first = precompile
         self._thread = threading.Thread(target=self._work, name="lwm-engine", daemon=True)
         self._thread.start()
         logger.info("engine worker started (max_queue %d)", self._scheduler.max_queue)
@@ -343,6 +363,11 @@ class Engine:
             entry.record.request_abort("client")
 
     def _work(self) -> None:
+        if self._precompile_first:
+            try:
+                self._precompile()
+            except Exception:  # serving still works; shapes then compile on first use
+                logger.exception("precompile failed")
         while True:
             busy = self._prefilling is not None or bool(self._decoding)
             head = self._scheduler.peek(0.0 if busy else 0.5)
@@ -358,7 +383,12 @@ class Engine:
                     self.step_hook()
                     self._drop_stopped()
                 if self._prefilling is not None:
-                    self._prefill_chunk()
+                    live = self._prefilling
+                    try:
+                        self._prefill_chunk()
+                    except Exception as exc:  # this request's prompt or settings: it alone fails
+                        logger.exception("[%s] prefill failed", live.request.request_id)
+                        self._finish(live, exc)
                 if self._decoding:
                     self._decode()
             except ReplicaLostError as exc:

@@ -76,6 +76,7 @@ class Op(enum.IntEnum):
     UNPIN = 10    # fields: owner
     DROP = 11     # payload: task ids
     STOP = 12
+    PRECOMPILE = 13  # fields: head
 
 
 class ReplicaLostError(SchedulerClosedError):
@@ -365,6 +366,10 @@ class ReplicatedSlotPool(SlotPool):
         self._leader.send(Op.INSERT, (self._tid(task), row))
         super().insert(task, row)
 
+    def precompile(self, head: Head = "text") -> int:
+        self._leader.send(Op.PRECOMPILE, (HEADS.index(head),))
+        return super().precompile(head)
+
     def decode(self, tokens: dict[int, int], head: Head = "text") -> jax.Array:
         rows = np.asarray(list(tokens), np.int32)
         feed = np.asarray([tokens[r] for r in rows], np.int32)
@@ -446,6 +451,8 @@ class Follower:
         elif op is Op.DECODE:
             head, k = f[:2]
             to_local(self.pool.decode(dict(zip(payload[:k].tolist(), payload[k:2 * k].tolist())), HEADS[head]))
+        elif op is Op.PRECOMPILE:
+            self.pool.precompile(HEADS[f[0]])
         elif op is Op.PIN:
             entry = self.entries.get(f[0])
             if entry is not None and self.prefix is not None:

@@ -35,6 +35,7 @@ from lwm_serve.server.schemas.video import (FrameInfo, MediaDetails, SamplingUse
 from lwm_serve.server.streaming import SSEEvent
 from lwm_serve.server.vision import EncodedMedia, IngestEvent, MediaRequest, PlannedMedia, VisionService
 from lwm_serve.tokenizers.chat_template import PromptTokens, chat_prompt
+from lwm_serve.tokenizers.frame_sampling import estimate_timestamps
 from lwm_serve.tokenizers.text import TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,8 @@ class VideoQuestionHandler:
                          duration_s=plan.info.duration_s if plan.info is not None else None,
                          frames=plan.n_frames, vision_tokens=budget.vision_tokens, prompt_tokens=budget.prompt_tokens,
                          max_tokens=budget.new_tokens, context=budget.context, fits=budget.fits,
-                         cached=plan.hit is not None, suggested_max_frames=frames, suggested_fps=fps)
+                         cached=plan.hit is not None, suggested_max_frames=frames, suggested_fps=fps,
+                         frame_timestamps=_planned_timestamps(plan))
 
     async def _prompt(self, question: str, media: EncodedMedia) -> PromptTokens:
         layout = self.require_vision().layout
@@ -180,6 +182,17 @@ class VideoQuestionHandler:
                         media=_details(source, plans[0], encoded[0]))
         finally:
             source.close()
+
+
+def _planned_timestamps(plan: PlannedMedia) -> list[float] | None:
+    if plan.is_image:
+        return None
+    if plan.hit is not None:
+        return [round(float(t), 6) for t in plan.hit[1]]
+    info = plan.info
+    if info is None or info.n_frames_estimate <= 0:
+        return None
+    return [round(t, 6) for t in estimate_timestamps(plan.spec, info.n_frames_estimate, info.duration_s)]
 
 
 def _usage(prompt: PromptTokens, decoder: ChoiceDecoder, media: EncodedMedia) -> VideoUsage:

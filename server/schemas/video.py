@@ -126,3 +126,7 @@ class VideoPlan(ResponseModel):
     cached: bool
     suggested_max_frames: int | None = Field(None, description="when it does not fit: most frames that do")
     suggested_fps: float | None = Field(None, description="when it does not fit: an fps giving about that many")
+    frame_timestamps: list[float] | None = Field(None, description=(
+        "video: the times (seconds) of the frames the sampling takes, exact when cached, else estimated "
+        "from the container's duration at a constant frame rate (previews); null for an image or when "
+        "the container tells neither"))

@@ -51,7 +51,7 @@ def vision_runtime(fixture_runtime: Runtime, reference_dir: Path) -> Runtime:
     return dataclasses.replace(fixture_runtime, vqgan=load_vqgan(reference_dir / "vqgan" / "vqgan_params.pkl"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # stateless factory: module-scoped servers may use it too
 def hooked_runtime(fixture_runtime: Runtime) -> Callable[[Callable[[], None]], Runtime]:
     """hooked_runtime(before_step): the fixture runtime whose engine calls `before_step()`
     before each engine step: a gate makes "the worker is busy" a fact of the test, a
@@ -259,3 +259,17 @@ def leftovers(data_dir: Path) -> list[Path]:
 @pytest.fixture(scope="session")
 def find_leftovers() -> Callable[[Path], list[Path]]:
     return leftovers
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} through prometheus-client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+@pytest.fixture(scope="session")
+def read_metrics() -> Callable[[str], dict[tuple[str, tuple], float]]:
+    """read_metrics(base_url): the server's /metrics samples, parsed."""
+    return lambda base_url: metric_samples(httpx.get(f"{base_url}/metrics").text)

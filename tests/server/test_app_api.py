@@ -27,22 +27,13 @@ def test_health_ready_docs(live):
     assert "400" in spec["paths"]["/v1/chat/completions"]["post"]["responses"]
 
 
-def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
-    """{(sample name, sorted labels): value} through prometheus-client's own parser."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
-def test_metrics_count_requests_and_tokens(live, auth_headers):
-    before = metric_samples(httpx.get(f"{live.base_url}/metrics").text)
+def test_metrics_count_requests_and_tokens(live, auth_headers, read_metrics):
+    before = read_metrics(live.base_url)
     r = httpx.post(f"{live.base_url}/v1/chat/completions", headers=auth_headers, timeout=120,
                    json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "ignore_eos": True})
     assert r.status_code == 200
-    response = httpx.get(f"{live.base_url}/metrics")
-    assert response.headers["content-type"].startswith("text/plain")
-    after = metric_samples(response.text)
+    assert httpx.get(f"{live.base_url}/metrics").headers["content-type"].startswith("text/plain")
+    after = read_metrics(live.base_url)
 
     def grew(name: str, labels: tuple = ()) -> float:
         return after[(name, labels)] - before.get((name, labels), 0.0)

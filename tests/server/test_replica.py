@@ -31,7 +31,7 @@ def test_follower_replay_ends_with_the_leaders_pool_and_prefix_cache(fixture_run
     monkeypatch.setattr(replica.multihost_utils, "broadcast_one_to_all",
                         lambda x: sent.append(np.array(x, copy=True)) or np.asarray(x))
     leader = replica.Leader(heartbeat_s=0.2, watch_s=0)
-    server = make_server(dataclasses.replace(fixture_runtime, replica=leader))
+    server = make_server(dataclasses.replace(fixture_runtime, replica=leader), warmup=False)
     url = f"{server.base_url}/v1/chat/completions"
     turns = [{"role": "user", "content": LONG}]
     cached = []
@@ -85,7 +85,8 @@ def test_a_collective_that_never_returns_is_cut_short_by_the_watchdog(fixture_ru
 
     monkeypatch.setattr(replica.multihost_utils, "broadcast_one_to_all", broadcast)
     monkeypatch.setattr(replica, "live_processes", lambda: (lambda: (alive[0], 2)))
-    server = make_server(dataclasses.replace(fixture_runtime, replica=replica.Leader(heartbeat_s=0.2, watch_s=0.1)))
+    server = make_server(dataclasses.replace(fixture_runtime, replica=replica.Leader(heartbeat_s=0.2, watch_s=0.1)),
+                         warmup=False)
     url = f"{server.base_url}/v1/chat/completions"
     body = {"model": "lwm-fixture", "messages": [{"role": "user", "content": LONG}], "max_tokens": 600,
             "temperature": 0, "stream": True}
