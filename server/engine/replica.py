@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import functools
 import itertools
 import logging
 import threading
@@ -102,13 +103,20 @@ def _padded(payload: np.ndarray) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _replicate_on(mesh: jax.sharding.Mesh) -> Callable[[jax.Array], jax.Array]:
+    return jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
 def to_local(x: jax.Array) -> jax.Array:
     """This process's full copy of a global array (a collective when it is not replicated:
     every process must call it for the same arrays)."""
     if x.is_fully_addressable:
         return x
     if not x.is_fully_replicated:
-        x = jax.jit(lambda a: a, out_shardings=NamedSharding(x.sharding.mesh, PartitionSpec()))(x)
+        if not isinstance(x.sharding, NamedSharding):
+            return jax.numpy.asarray(multihost_utils.process_allgather(x, tiled=True))
+        x = _replicate_on(x.sharding.mesh)(x)
     return x.addressable_data(0)
 
 
