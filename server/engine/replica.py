@@ -406,6 +406,8 @@ class Follower:
 
     def receive(self) -> tuple[Op, np.ndarray, np.ndarray]:
         header = multihost_utils.broadcast_one_to_all(np.zeros(_HEADER, np.int32))
+        if int(header[1]) != self.ops + 1:  # every op numbered: a lost or extra one is fatal
+            raise ReplicaLostError(f"op {int(header[1])} arrived after op {self.ops}: out of step")
         n = int(header[2])
         payload = np.zeros(0, np.int32)
         if n:
@@ -417,6 +419,8 @@ class Follower:
         while True:
             try:
                 op, fields, payload = self.receive()
+            except ReplicaLostError:
+                raise
             except Exception as exc:
                 raise ReplicaLostError(f"receiving from process 0 failed ({type(exc).__name__}: {exc})") from exc
             self.ops += 1
