@@ -27,27 +27,26 @@ import numpy as np
 from tqdm import tqdm
 
 from lwm_serve.model.config import ModelConfig
+from lwm_serve.model.params import LAYERS_KEY, SCAN_KEY, is_scanned, param_shapes
 from lwm_serve.model.params_file import (
     MAX_CHUNK_SIZE,
     SPEC_PREFIX,
     CheckpointError,
-    ParamsReader,
     Path,
     Params,
     flatten_params,
     is_float_dtype,
-    iter_params_file,
     parse_spec,
-    save_params,
     unflatten_params,
 )
-from lwm_serve.model.params import SCAN_KEY, layer_param_shapes, param_shapes
+from lwm_serve.model.params_reader import ParamsReader, iter_params_file
+from lwm_serve.model.params_writer import save_params
 from lwm_serve.model.unpickle import load_pickle_params
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CheckpointError", "MAX_CHUNK_SIZE", "SPEC_PREFIX", "expected_param_shapes",
+    "CheckpointError", "MAX_CHUNK_SIZE", "SPEC_PREFIX", "ParamsReader", "expected_param_shapes",
     "flatten_params", "iter_params_file", "load_checkpoint", "load_hf_llama",
     "load_params", "load_pickle_params", "parse_spec", "save_hf_llama", "save_params", "unflatten_params",
 ]
@@ -57,26 +56,56 @@ ShardingSpec = Union[
     jax.sharding.Sharding, None]
 DTypeLike = Union[str, np.dtype, type, None]
 
-def expected_param_shapes(cfg: ModelConfig) -> dict[Path, tuple[int, ...]]:
-    """Every parameter path and shape for `cfg`, in the reference's file order (sorted keys)."""
-    return dict(sorted(param_shapes(cfg).items()))
+def expected_param_shapes(cfg: ModelConfig, *, scan_layers: bool | None = None
+                          ) -> dict[Path, tuple[int, ...]]:
+    """Every parameter path and shape for `cfg` (layer layout: `scan_layers`, default
+    `cfg.scan_layers`), in the reference's file order (sorted keys)."""
+    return dict(sorted(param_shapes(cfg, scan_layers=scan_layers).items()))
 
 
 def _join(path: Path) -> str:
     return "/".join(path)
 
 
+def _layer_layout(path: Path) -> bool | None:
+    """True for a scanned layer parameter, False for a per-layer one, None otherwise."""
+    if len(path) > 2 and path[:2] == LAYERS_KEY:
+        return path[2] == SCAN_KEY
+    return None
+
+
+def _layout_name(scanned: bool) -> str:
+    return "scanned" if scanned else "per-layer"
+
+
 class ShapeValidator:
-    """Checks each (key, shape) against the config's expected tree as it streams."""
+    """Checks each (key, shape) against the config's expected tree as it streams.
+
+    The file's own records say which layer layout it uses (the first
+    `transformer/h/...` key): either is accepted, whatever `cfg.scan_layers`
+    says, and `scanned` records which one was found.
+    """
 
     def __init__(self, cfg: ModelConfig, source: str):
-        self.expected = expected_param_shapes(cfg)
         self.cfg, self.source = cfg, source
+        self._expected = {scan: expected_param_shapes(cfg, scan_layers=scan)
+                          for scan in (True, False)}
+        self.scanned: bool | None = None
         self.seen: set[Path] = set()
+
+    @property
+    def expected(self) -> dict[Path, tuple[int, ...]]:
+        """The expected tree in the layout found so far (the config's until then)."""
+        return self._expected[self.cfg.scan_layers if self.scanned is None else self.scanned]
 
     def __call__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
         if path in self.seen:
             raise CheckpointError(f"{self.source}: parameter {_join(path)} appears twice")
+        layout = _layer_layout(path)
+        if layout is not None and self.scanned is None and path in self._expected[layout]:
+            self.scanned = layout
+            logger.info("%s: %s layer layout (config scan_layers=%s)", self.source,
+                        _layout_name(layout), self.cfg.scan_layers)
         if path not in self.expected:
             raise CheckpointError(
                 f"{self.source}: unexpected parameter {_join(path)} with shape "
@@ -89,11 +118,10 @@ class ShapeValidator:
         self.seen.add(path)
 
     def _layout_hint(self, path: Path) -> str:
-        if path[:2] == ("transformer", "h") and len(path) > 2:
-            file_scan = path[2] == SCAN_KEY
-            if file_scan != self.cfg.scan_layers:
-                return (f" (the file uses the {'scanned' if file_scan else 'per-layer'} "
-                        f"layout but the config has scan_layers={self.cfg.scan_layers})")
+        layout = _layer_layout(path)
+        if layout is not None and self.scanned is not None and layout != self.scanned:
+            return (f" (the file mixes layer layouts: earlier records are "
+                    f"{_layout_name(self.scanned)})")
         return ""
 
     def finish(self) -> None:
@@ -177,7 +205,10 @@ def load_params(spec_or_path: str | os.PathLike, cfg: ModelConfig | None = None,
         spec_or_path: `params::PATH` (the reference's --load_checkpoint) or a path.
         cfg: if given, every key and shape is checked against
             `expected_param_shapes(cfg)` as soon as its header is read (before its
-            data), and missing keys are reported at the end.
+            data), and missing keys are reported at the end. The file's records say
+            whether it is scanned or per-layer; either is accepted whatever
+            `cfg.scan_layers` says (`params.unstack_layers` converts a scanned tree
+            for serving) and the layout found is logged.
         dtype: floating tensors are cast to it (the reference casts everything to
             --dtype after loading); None means `cfg.param_dtype`, or the file's dtypes
             when there is no cfg.
@@ -187,7 +218,8 @@ def load_params(spec_or_path: str | os.PathLike, cfg: ModelConfig | None = None,
         progress: show a tqdm bar by bytes (only on a TTY) and log every 10%.
 
     Returns:
-        The parameter tree WITHOUT the leading "params" key.
+        The parameter tree WITHOUT the leading "params" key, in the file's layout
+        (`params.is_scanned` tells which).
 
     Raises:
         CheckpointError: unreadable/corrupt file, or a mismatch with `cfg`.
@@ -211,8 +243,11 @@ def load_params(spec_or_path: str | os.PathLike, cfg: ModelConfig | None = None,
         check.finish()
     if not items:
         raise CheckpointError(f"{path}: no parameters in the file (empty checkpoint)")
-    logger.info("loaded %d tensors (%.1f MB) from %s", len(items), reader.size / 1e6, path)
-    return unflatten_params(items)
+    tree = unflatten_params(items)
+    scanned = is_scanned(tree)
+    logger.info("loaded %d tensors (%.1f MB, %s) from %s", len(items), reader.size / 1e6,
+                "no layers" if scanned is None else f"{_layout_name(scanned)} layout", path)
+    return tree
 
 
 # --------------------------------------------------------------------------- Hugging Face

@@ -145,13 +145,12 @@ def _local(shape: Sequence[int], logical: Sequence[str | None], mesh: MeshShape)
 def param_bytes_per_device(cfg: ModelConfig, mesh: MeshShape, dtype: str) -> tuple[int, list[str]]:
     """Bytes of the parameters on the busiest device, and the ones that do not divide."""
     total, problems = 0, []
-    for path, shape in params_lib.param_shapes(cfg).items():
-        logical = sharding.param_logical_axes(cfg, path)
+    for path, info in params_lib.param_infos(cfg).items():
         try:
-            sharding.spec_for(logical, shape, mesh, strict=True)  # type: ignore[arg-type]
+            sharding.spec_for(info.axes, info.shape, mesh, strict=True)  # type: ignore[arg-type]
         except sharding.ShardingError as e:
-            problems.append(f"{'/'.join(path)} {tuple(shape)}: {e}")
-        total += math.prod(_local(shape, logical, mesh)) * DTYPE_BYTES[dtype]
+            problems.append(f"{'/'.join(path)} {info.shape}: {e}")
+        total += math.prod(_local(info.shape, info.axes, mesh)) * DTYPE_BYTES[dtype]
     return total, problems
 
 
@@ -194,12 +193,11 @@ def prefill_bytes_per_device(cfg: ModelConfig, mesh: MeshShape, dtype: str, batc
         "mlp": 3 * b * c_local * m * isz,
         "rope": b * c_local * d * f32,
     }
-    layer = params_lib.layer_param_shapes(cfg)
     gathered = 0
-    for path, shape in layer.items():
-        logical = sharding._LAYER_AXES[path]  # noqa: SLF001 (same rules, FSDP axes gathered)
-        kept = [a if a != sharding.EMBED else None for a in logical]
-        gathered += math.prod(_local(shape, kept, mesh)) * isz
+    for info in params_lib.layer_param_infos(cfg).values():
+        # FSDP gathers the hidden (embed) dimension before use; the rest stays split.
+        kept = [a if a != sharding.EMBED else None for a in info.axes]
+        gathered += math.prod(_local(info.shape, kept, mesh)) * isz
     terms["one layer's gathered weights (x2 prefetch)"] = 2 * gathered
     vocab = cfg.vocab_size + cfg.vision_vocab_size
     terms["last-position logits"] = b * vocab * f32

@@ -9,10 +9,13 @@ Parameters follow the reference's `get_partition_rules` (lwm/vision_llama.py)
 for all three layouts: the hidden dimension of every matrix over
 ('fsdp', 'sp') (ZeRO-3 style: gathered when used), heads / MLP / vocabulary over
 'tp', norms replicated, the stacked layer axis unsharded. Activations: batch
-over ('dp', 'fsdp'), sequence over 'sp', heads over 'tp'. The KV cache
-[L, B, S, K, D] has the same batch/sequence/heads placement, so it stays
-sequence-sharded from prefill through decode (its slot layout is striped, see
-model/ring_attention.py).
+over ('dp', 'fsdp'), sequence over 'sp', heads over 'tp'. The KV cache (one
+head-major [B, K, S, D] array per layer, model/kv_cache.py) has the same
+batch/heads/sequence placement, so it stays sequence-sharded from prefill
+through decode (its slot layout is striped, see model/ring_attention.py).
+
+The logical names live in model/logical_axes.py and each parameter's axes in
+its declaration (model/params.py); this module only places them.
 
 Parameters must divide their mesh axes exactly (checked by `validate`, before
 anything is traced). Activations may not (a batch of 1 on dp=2, one decode
@@ -29,8 +32,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lwm_serve.model import logical_axes as ax
 from lwm_serve.model import params as params_lib
 from lwm_serve.model.config import ModelConfig
 
@@ -40,19 +45,12 @@ logger = logging.getLogger(__name__)
 DP, FSDP, TP, SP = "dp", "fsdp", "tp", "sp"
 MESH_AXES = (DP, FSDP, TP, SP)
 
-# Logical dimension names used by model code.
-BATCH = "batch"            # rows of a batch (activations, cache)
-LENGTH = "length"          # sequence positions of activations
-CACHE_LENGTH = "cache_length"  # slots of the KV cache
-HEADS = "heads"            # query heads (and the fused heads*head_dim of wq/wo)
-KV_HEADS = "kv_heads"      # key/value heads (and the fused dim of wk/wv)
-HEAD_DIM = "head_dim"
-ACT_EMBED = "act_embed"    # hidden dimension of activations
-EMBED = "embed"            # hidden dimension of parameters
-MLP = "mlp"
-VOCAB = "vocab"
-LAYERS = "layers"          # the stacked layer axis of scanned parameters
-NORM = "norm"              # norm scales
+# Logical dimension names used by model code (declared in logical_axes.py;
+# re-exported so that model code can say `sharding.BATCH`).
+BATCH, LENGTH, CACHE_LENGTH = ax.BATCH, ax.LENGTH, ax.CACHE_LENGTH
+HEADS, KV_HEADS, HEAD_DIM = ax.HEADS, ax.KV_HEADS, ax.HEAD_DIM
+ACT_EMBED, EMBED, MLP, VOCAB, LAYERS, NORM = (
+    ax.ACT_EMBED, ax.EMBED, ax.MLP, ax.VOCAB, ax.LAYERS, ax.NORM)
 
 Axes = str | tuple[str, ...] | None
 RULES: dict[str, Axes] = {
@@ -84,25 +82,7 @@ CACHE_KV = (BATCH, KV_HEADS, CACHE_LENGTH, HEAD_DIM)      # [B, K, S, D], one ar
 CACHE_VALID = (BATCH, CACHE_LENGTH)                      # [B, S]
 CACHE_INDEX = (BATCH,)                                   # [B]
 
-# One decoder layer's parameters (the path under the layer subtree).
-_LAYER_AXES: dict[params_lib.Path, tuple[str, ...]] = {
-    ("attention", "wq", "kernel"): (EMBED, HEADS),
-    ("attention", "wk", "kernel"): (EMBED, KV_HEADS),
-    ("attention", "wv", "kernel"): (EMBED, KV_HEADS),
-    ("attention", "wo", "kernel"): (HEADS, EMBED),
-    ("feed_forward", "w1", "kernel"): (EMBED, MLP),
-    ("feed_forward", "w2", "kernel"): (MLP, EMBED),
-    ("feed_forward", "w3", "kernel"): (EMBED, MLP),
-    ("attention_norm", "kernel"): (NORM,),
-    ("ffn_norm", "kernel"): (NORM,),
-}
-_TOP_AXES: dict[params_lib.Path, tuple[str, ...]] = {
-    ("transformer", "wte", "embedding"): (VOCAB, EMBED),
-    ("transformer", "vte", "embedding"): (VOCAB, EMBED),
-    ("transformer", "ln_f", "kernel"): (NORM,),
-    ("lm_head", "kernel"): (EMBED, VOCAB),
-    ("vision_head", "kernel"): (EMBED, VOCAB),
-}
+assert set(RULES) == set(ax.ALL), "every logical axis needs a rule"
 
 
 class ShardingError(ValueError):
@@ -175,32 +155,28 @@ def _strip_params_prefix(path: Sequence[str]) -> params_lib.Path:
 
 
 def param_logical_axes(cfg: ModelConfig, path: Sequence[str]) -> tuple[str, ...]:
-    """Logical axes of one parameter (reference tree path, with or without "params")."""
-    path = _strip_params_prefix(path)
-    if path in _TOP_AXES:
-        return _TOP_AXES[path]
-    if len(path) > 3 and path[:2] == ("transformer", "h"):
-        layer_path = path[3:]
-        if layer_path in _LAYER_AXES:
-            axes = list(_LAYER_AXES[layer_path])
-            if path[2] == params_lib.SCAN_KEY:
-                axes.insert(cfg.param_scan_axis, LAYERS)
-            return tuple(axes)
-    raise ShardingError(f"no sharding rule for parameter {'/'.join(path)}")
+    """Logical axes of one parameter (reference tree path, with or without "params";
+    either layer layout)."""
+    key = _strip_params_prefix(path)
+    info = params_lib.param_info(cfg, key)
+    if info is None:
+        raise ShardingError(f"no sharding rule for parameter {'/'.join(key)}")
+    return info.axes
 
 
-def param_specs(cfg: ModelConfig, mesh: Mesh) -> dict[params_lib.Path, PartitionSpec]:
-    """PartitionSpec of every parameter of `cfg` (paths as in `params.param_shapes`).
+def param_specs(cfg: ModelConfig, mesh: Mesh, *, scan_layers: bool | None = None
+                ) -> dict[params_lib.Path, PartitionSpec]:
+    """PartitionSpec of every parameter of `cfg` (paths as in `params.param_infos`).
 
     Raises:
       ShardingError: listing every parameter whose size does not divide its axes.
     """
     specs, problems = {}, []
-    for path, shape in params_lib.param_shapes(cfg).items():
+    for path, info in params_lib.param_infos(cfg, scan_layers=scan_layers).items():
         try:
-            specs[path] = spec_for(param_logical_axes(cfg, path), shape, mesh, strict=True)
+            specs[path] = spec_for(info.axes, info.shape, mesh, strict=True)
         except ShardingError as e:
-            problems.append(f"{'/'.join(path)} {shape}: {e}")
+            problems.append(f"{'/'.join(path)} {info.shape}: {e}")
     if problems:
         raise ShardingError(
             f"model does not fit mesh {dict(mesh.shape)}:\n  " + "\n  ".join(problems))
@@ -208,8 +184,13 @@ def param_specs(cfg: ModelConfig, mesh: Mesh) -> dict[params_lib.Path, Partition
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Callable[[Sequence[str]], NamedSharding]:
-    """`path -> NamedSharding` for the checkpoint loader (validates the whole tree first)."""
-    specs = param_specs(cfg, mesh)
+    """`path -> NamedSharding` for the checkpoint loader (validates the whole tree first).
+
+    Paths of either layer layout are answered: a checkpoint file's own records
+    say whether it is scanned, whatever `cfg.scan_layers` says.
+    """
+    specs = {**param_specs(cfg, mesh, scan_layers=not cfg.scan_layers),
+             **param_specs(cfg, mesh)}
 
     def sharding_of(path: Sequence[str]) -> NamedSharding:
         key = _strip_params_prefix(path)
@@ -221,7 +202,7 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Callable[[Sequence[str]], N
 
 
 def shard_params(params: params_lib.Params, cfg: ModelConfig, mesh: Mesh) -> params_lib.Params:
-    """Place an in-memory parameter tree on the mesh."""
+    """Place an in-memory parameter tree (either layer layout) on the mesh."""
     sharding_of = param_shardings(cfg, mesh)
     items = {path: jax.device_put(x, sharding_of(path)) for path, x in params_lib.flatten_params(params)}
     return params_lib.unflatten_params(items)
@@ -301,3 +282,22 @@ def init_sharded_cache(cfg: ModelConfig, batch_size: int, max_length: int, mesh:
     make = lambda: kv_cache.init_cache(cfg, batch_size, max_length, dtype)  # noqa: E731
     shapes = jax.eval_shape(make)
     return jax.jit(make, out_shardings=cache_shardings(mesh, shapes))()
+
+
+# --------------------------------------------------------------------------- data parallel
+
+
+def batch_mesh(devices: Sequence[jax.Device]) -> Mesh:
+    """A one-axis mesh over `devices` for work that only splits its batch (the VQGAN)."""
+    batch_axes = _mesh_axes(BATCH)
+    return Mesh(np.array(devices), batch_axes[:1])
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Arrays whose leading dimension is the batch, split by the `batch` rule."""
+    return named(mesh, (BATCH,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device of `mesh` (weights of a data-parallel model)."""
+    return NamedSharding(mesh, PartitionSpec())

@@ -85,8 +85,12 @@ def prefill_into(params: Params, cfg: ModelConfig, tokens: jax.Array, vision_mas
     Starting below the row's current index rewrites slots that already hold
     the same tokens (identical keys/values): the engine ends a prompt with a
     chunk that overlaps the previous one instead of padding it (model/runner.py).
+    Slots from `start` on are emptied first, so the chunk attends to them only as
+    its own (causal) tokens, never as cache entries "from the past".
     """
-    cache = dataclasses.replace(cache, index=start)
+    cache = dataclasses.replace(cache, index=start,
+                                valid=cache.valid & (_slot_numbers(cache.max_length, mesh)[None, :]
+                                                     < start[:, None]))
     return _prefill(params, cfg, tokens, vision_mask, attention_mask, positions, cache, head, mesh)
 
 
@@ -116,6 +120,15 @@ def decode_rows(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
                                   heads=(head,), cache_read_length=read_length)
     logits = out.text_logits if head == "text" else out.vision_logits
     return logits[:, -1], out.cache
+
+
+def _slot_numbers(length: int, mesh: Mesh | None) -> jax.Array:
+    """[length]: the logical slot stored at each physical position of a cache row."""
+    j = jnp.arange(length, dtype=jnp.int32)
+    if mesh is None:
+        return j
+    sp = mesh.shape[ring_attention.SP]
+    return (j % (length // sp)) * sp + j // (length // sp)
 
 
 def _copy_slots(dst: jax.Array, src: jax.Array, count: int, mesh: Mesh | None,
@@ -154,12 +167,7 @@ def resize_row(cache: KVCache, keep: jax.Array, length: int, mesh: Mesh | None =
     k = tuple(_copy_slots(zeros(x), x, count, mesh) for x in cache.k)
     v = tuple(_copy_slots(zeros(x), x, count, mesh) for x in cache.v)
     valid = _copy_slots(jnp.zeros((1, length), jnp.bool_), cache.valid, count, mesh)
-    if mesh is None:
-        valid &= jnp.arange(length)[None, :] < keep
-    else:
-        sp = mesh.shape[ring_attention.SP]
-        logical = (jnp.arange(length) % (length // sp)) * sp + jnp.arange(length) // (length // sp)
-        valid &= logical[None, :] < keep
+    valid &= _slot_numbers(length, mesh)[None, :] < keep
     return KVCache(k=k, v=v, valid=valid, index=jnp.full((1,), keep, jnp.int32))
 
 
@@ -194,6 +202,7 @@ def sample_rows(keys: jax.Array, logits: jax.Array, knobs: sampling.SamplingArra
       keys: [R, 2] raw threefry keys (call under `jax.threefry_partitionable(False)`).
       logits: [R, V] ([2R, V] rows [cond..., uncond...] with `use_cfg`).
       counts: [R, V] generated-token counts when `features.penalties`, else None.
+      top_n: alternatives to return per row; -1 skips logprobs entirely (zeros come back).
     Returns:
       (tokens [R], the next keys [R, 2], chosen logprob [R], top logprobs [R, n], top ids [R, n]).
     """
@@ -211,5 +220,9 @@ def sample_rows(keys: jax.Array, logits: jax.Array, knobs: sampling.SamplingArra
         warped = sampling.warp(logits, knobs, features)
         sampled = jax.vmap(lambda k, row: sampling.gumbel_categorical(k, row[None])[0])(step_keys, warped)
         tokens = jnp.where(knobs.temperature == 0.0, greedy, sampled)
+    if top_n < 0:  # nobody asked for logprobs: a log-softmax and a top-k over the vocabulary saved
+        r = tokens.shape[0]
+        return (tokens, next_keys, jnp.zeros((r,), jnp.float32), jnp.zeros((r, 1), jnp.float32),
+                jnp.zeros((r, 1), jnp.int32))
     chosen, top_vals, top_ids = sampling.logprobs(logits, tokens, top_n)
     return tokens, next_keys, chosen, top_vals, top_ids

@@ -38,7 +38,7 @@ from lwm_serve.model.params import SCAN_KEY, Params
 Head = Literal["text", "vision"]
 # (q [B,T,N,D], k [B,S,K,D], v [B,S,K,D], mask [B,T,S]) -> [B,T,N,D]
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
-# (q [B,T,N,D], new k [B,T,K,D], new v, the layer's cache (k, v) [B,S,K,D] or None)
+# (q [B,T,N,D], new k [B,T,K,D], new v, the layer's head-major cache (k, v) [B,K,S,D] or None)
 #   -> (out [B,T,N,D], the layer's updated cache or None)
 LayerAttentionFn = Callable[[jax.Array, jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None],
                             tuple[jax.Array, tuple[jax.Array, jax.Array] | None]]

@@ -42,7 +42,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ Params = dict[str, Any]
 
 _GROUPS = 32
 _EPS = 1e-6
-_DP = "dp"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,9 +397,13 @@ class VQGAN:
         devices = jax.local_devices()
         self.mesh: Mesh | None = None
         if shard and len(devices) > 1 and batch_size % len(devices) == 0:
-            self.mesh = Mesh(np.array(devices), (_DP,))
-            self._in_sharding: Any = NamedSharding(self.mesh, PartitionSpec(_DP))
-            params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
+            # Only model/sharding.py names mesh axes; imported here so that the
+            # tokenizers import without the model package's sharding rules.
+            from lwm_serve.model import sharding
+
+            self.mesh = sharding.batch_mesh(devices)
+            self._in_sharding: Any = sharding.batch_sharding(self.mesh)
+            params = jax.device_put(params, sharding.replicated(self.mesh))
         else:
             if shard:
                 logger.info("VQGAN: batch %d does not divide over %d devices; not sharding", batch_size, len(devices))

@@ -234,7 +234,8 @@ class Engine:
         widths = sorted({rows for rows, _ in self.pool.decode_shapes()})
         for width in widths:
             for temperature in (0.0, 1.0):
-                req = GenerationRequest("precompile", [PromptRow([0])], [SamplingParams(temperature=temperature)], 1)
+                req = GenerationRequest("precompile", [PromptRow([0])], [SamplingParams(temperature=temperature)], 1,
+                                        logprobs=False)
                 live = LiveRequest(None, req, self.generator.cfg.vocab_size)
                 live_lib.sample([live], jnp.repeat(logits, width, axis=0), [[0]], pad_to=width)
         logger.info("precompiled %d decode shapes and %d sampling widths in %.1f s", shapes, len(widths),

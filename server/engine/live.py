@@ -105,6 +105,8 @@ def sample(live: Sequence[LiveRequest], logits: jax.Array, row_of: Sequence[Sequ
     if penalties:
         counts_arr = np.concatenate(counts + [np.zeros((width - used, live[0].vocab), np.int32)])
     top_n = max(r.request.top_logprobs for r in live)
+    if not any(r.request.logprobs or r.request.top_logprobs for r in live):
+        top_n = -1
     rows = logits[jnp.asarray(take)] if take != list(range(logits.shape[0])) else logits
     with jax.threefry_partitionable(False):
         tokens, next_keys, chosen, top_vals, top_ids = steps.sample_rows(

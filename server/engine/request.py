@@ -65,6 +65,8 @@ class GenerationRequest:
             choices differ, and the same seed + rows give the same choices.
         stop_token_ids: a row ends after sampling one of these (empty: ignore EOS).
         top_logprobs: alternatives to report per step (0: none).
+        logprobs: report the chosen tokens' logprobs (False: StepOutput.logprobs are zeros,
+            and a batch where nobody asks skips computing them).
         timeout_s: the request fails once it has run this long (None: no limit).
         session: keep this prompt's prefill pinned in the prefix cache under
             this name until the session is released (follow-up questions).
@@ -78,6 +80,7 @@ class GenerationRequest:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     top_logprobs: int = 0
+    logprobs: bool = True
     timeout_s: float | None = None
     session: str | None = None
     reuse_prefix: bool = True

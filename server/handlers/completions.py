@@ -88,7 +88,8 @@ class CompletionHandler:
         rows = [PromptRow(p) for p in ids for _ in range(req.n)]
         request_id = self.engine.new_request_id()
         gen_request = GenerationRequest(request_id, rows, [sampling] * len(rows), max_tokens, seed=req.seed,
-                                        stop_token_ids=stop_ids, top_logprobs=top_n)
+                                        stop_token_ids=stop_ids, top_logprobs=top_n,
+                                        logprobs=req.logprobs is not None)
         try:
             handle = self.engine.submit(gen_request)
         except ContextLengthError as exc:

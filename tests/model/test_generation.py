@@ -7,8 +7,6 @@ the implicit top_k=50) from the reference's key chain; vision cases replay
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -74,11 +72,11 @@ def _vision_case(gen: Generator, case: dict, d: dict) -> None:
     np.testing.assert_array_equal(np.asarray(frames).reshape(-1, 16, 16), d["video_codes"])
 
 
-def test_generation_matches_reference(generation_case, reference_params, reference_config):
-    case = json.loads((generation_case / "case.json").read_text())
-    d = dict(np.load(generation_case / "data.npz"))
-    params_name = case.get("checkpoint", "model/params_scan").split("/")[-1]
-    gen = Generator(reference_params(params_name), reference_config(True))
+def test_generation_matches_reference(generation_case, reference_case_set):
+    rs = reference_case_set
+    case, d = rs.load_case(generation_case)
+    params_name = rs.case_checkpoint(case)
+    gen = Generator(rs.params(params_name), rs.file_config(params_name))
     if "output_ids" in d:
         _text_case(gen, case, d)
     else:
@@ -86,8 +84,8 @@ def test_generation_matches_reference(generation_case, reference_params, referen
 
 
 def test_seed_reproducible_and_seeds_differ(reference_params, reference_config):
-    gen = Generator(reference_params("params_scan"), reference_config(True))
-    rows = [PromptRow([1, 300, 301, 302, 303])]
+    gen = Generator(reference_params(), reference_config())
+    rows = [PromptRow([1, 3, 4, 5, 6])]
     sp = SamplingParams(temperature=1.0)
     a = gen.generate(rows, sp, max_new_tokens=12, key=seed_key(7))
     b = gen.generate(rows, sp, max_new_tokens=12, key=seed_key(7))
@@ -97,8 +95,8 @@ def test_seed_reproducible_and_seeds_differ(reference_params, reference_config):
 
 
 def test_stop_token_ends_row_and_stream_can_be_closed(reference_params, reference_config):
-    gen = Generator(reference_params("params_scan"), reference_config(True))
-    rows = [PromptRow([1, 300, 301])]
+    gen = Generator(reference_params(), reference_config())
+    rows = [PromptRow([1, 3, 4])]
     greedy = gen.generate(rows, SamplingParams(temperature=0), max_new_tokens=6, key=seed_key(0))[0]
     stop = greedy[2]
     first = greedy.index(stop)
@@ -112,14 +110,14 @@ def test_stop_token_ends_row_and_stream_can_be_closed(reference_params, referenc
 
 
 def test_context_limit_is_enforced(reference_params, reference_config):
-    gen = Generator(reference_params("params_scan"), reference_config(True), max_context=64)
+    gen = Generator(reference_params(), reference_config(), max_context=64)
     with pytest.raises(ContextLengthError, match="64"):
         gen.generate([PromptRow(list(range(3, 60)))], SamplingParams(), max_new_tokens=10, key=seed_key(0))
 
 
 def test_chunked_prefill_equals_one_shot(reference_params, reference_config):
     """A prompt of 8 chunks, prefilled chunk by chunk, samples what one-shot prefill does."""
-    params, cfg = reference_params("params_scan"), reference_config(True)
+    params, cfg = reference_params(), reference_config()
     rng = np.random.default_rng(1)
     prompt = [1] + rng.integers(3, cfg.vocab_size, size=8 * 128 - 1).tolist()
     rows = [PromptRow(prompt)]

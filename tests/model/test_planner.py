@@ -77,10 +77,33 @@ def test_suggestion_is_offered_when_another_mesh_fits():
     assert str(best[0].mesh) in str(e.value)
 
 
-def test_indivisible_parameters_do_not_fit(reference_config):
-    p = planner.plan(reference_config(True), MeshShape(1, 1, 8, 1), dtype="fp32", context=128,
-                     device_memory=GIB)
+def test_indivisible_parameters_do_not_fit():
+    cfg = CFG.replace(intermediate_size=172)  # 172 = 4 * 43: does not split over tp=8
+    p = planner.plan(cfg, MeshShape(1, 1, 8, 1), dtype="fp32", context=128, device_memory=GIB)
     assert not p.fits and any("w1" in x for x in p.problems)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_param_bytes_follow_the_declarations(scan_layers):
+    """Bytes per device are the declared shapes split by the declared axes' rules."""
+    cfg = CFG.replace(scan_layers=scan_layers)
+    mesh = MeshShape(1, 2, 2, 2)
+    total = 0
+    for info in params_lib.param_infos(cfg).values():
+        spec = sharding.spec_for(info.axes, info.shape, mesh)  # type: ignore[arg-type]
+        local = 1
+        for i, size in enumerate(info.shape):
+            entry = spec[i] if i < len(spec) else None
+            axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
+            split = 1
+            for a in axes:
+                split *= mesh.shape[a]
+            local *= size // split
+        total += local * 4
+    assert planner.param_bytes_per_device(cfg, mesh, "float32") == (total, [])
+    # both layouts hold the same bytes
+    other = planner.param_bytes_per_device(cfg.replace(scan_layers=not scan_layers), mesh, "float32")
+    assert other == (total, [])
 
 
 def test_cli_prints_a_table_and_json(capsys):

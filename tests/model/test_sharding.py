@@ -64,23 +64,82 @@ def test_param_specs_equal_reference_rules(scan_layers, scan_axis):
         assert _norm(ours[path], len(shape)) == _norm(want, len(shape)), name
 
 
-def test_param_shardings_callable_places_shards(reference_params, reference_config):
-    cfg = reference_config(True)
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_param_shardings_callable_places_shards(scan_layers):
+    cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, vision_vocab_size=32, scan_layers=scan_layers)
     mesh = make_mesh("1,2,2,2")
     sharding_of = sharding.param_shardings(cfg, mesh)
     assert sharding_of(("params", "lm_head", "kernel")) == sharding_of(("lm_head", "kernel"))
-    placed = sharding.shard_params(reference_params("params_scan"), cfg, mesh)
-    wq = placed["transformer"]["h"]["scan_decoder"]["attention"]["wq"]["kernel"]
-    layers, h, nd = wq.shape
-    assert {s.data.shape for s in wq.addressable_shards} == {(layers, h // 4, nd // 2)}
+    params = params_lib.init_params(cfg, jax.random.PRNGKey(0))
+    placed = sharding.shard_params(params, cfg, mesh)
+    layer = (placed["transformer"]["h"]["scan_decoder"] if scan_layers
+             else placed["transformer"]["h"]["0"])
+    wq = layer["attention"]["wq"]["kernel"]
+    *layers, h, nd = wq.shape
+    assert {s.data.shape for s in wq.addressable_shards} == {(*layers, h // 4, nd // 2)}
+    # a checkpoint in the other layout is placed too (the loader accepts either)
+    other, _ = params_lib.unstack_layers(params, cfg) if scan_layers else (None, None)
+    for path in params_lib.param_infos(cfg, scan_layers=not scan_layers):
+        assert sharding_of(path).spec == sharding.spec_for(
+            sharding.param_logical_axes(cfg, path), params_lib.param_info(cfg, path).shape, mesh)
+    if other is not None:
+        assert sharding.shard_params(other, cfg, mesh)["transformer"]["h"]["2"]
     with pytest.raises(sharding.ShardingError, match="no sharding rule"):
         sharding_of(("transformer", "nope"))
 
 
-def test_validate_names_every_parameter_that_does_not_divide(reference_config):
-    cfg = reference_config(True)  # intermediate_size 172 = 4 * 43
+def test_validate_names_every_parameter_that_does_not_divide():
+    cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                      num_attention_heads=4, vision_vocab_size=32)  # 172 = 4 * 43
     with pytest.raises(sharding.ShardingError, match=r"feed_forward/w1/kernel.*not divisible"):
         sharding.validate(cfg, make_mesh("1,1,8,1"))
+
+
+@pytest.mark.parametrize("scan_layers, scan_axis", [(True, 0), (True, 1), (False, 0)])
+def test_one_declaration_gives_shapes_axes_and_abstract_tree(scan_layers, scan_axis):
+    cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, vision_vocab_size=32, scan_layers=scan_layers,
+                      param_scan_axis=scan_axis)
+    infos = params_lib.param_infos(cfg)
+    assert {p: i.shape for p, i in infos.items()} == params_lib.param_shapes(cfg)
+    for path, info in infos.items():
+        assert len(info.axes) == len(info.shape)
+        assert sharding.param_logical_axes(cfg, path) == info.axes
+        assert (sharding.LAYERS in info.axes) == (path[2:3] == (params_lib.SCAN_KEY,))
+        if sharding.LAYERS in info.axes:
+            assert info.axes.index(sharding.LAYERS) == scan_axis
+            assert info.shape[scan_axis] == cfg.num_hidden_layers
+    abstract = params_lib.abstract_params(cfg)
+    real = params_lib.init_params(cfg, jax.random.PRNGKey(0))
+    assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(real)
+    for a, r in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(real)):
+        assert a.shape == r.shape and a.dtype == r.dtype
+
+
+def test_batch_sharding_for_data_parallel_work():
+    mesh = sharding.batch_mesh(jax.devices()[:8])
+    x = jax.device_put(np.arange(16.0).reshape(8, 2), sharding.batch_sharding(mesh))
+    assert {s.data.shape for s in x.addressable_shards} == {(1, 2)}
+    w = jax.device_put(np.ones(3), sharding.replicated(mesh))
+    assert {s.data.shape for s in w.addressable_shards} == {(3,)}
+
+
+def test_only_sharding_names_mesh_axes():
+    """A mesh axis name is a string constant in code of model/sharding.py alone."""
+    import ast
+    from pathlib import Path
+
+    root = Path(sharding.__file__).resolve().parents[1]
+    offenders = []
+    for folder in ("model", "tokenizers", "server"):
+        for path in (root / folder).rglob("*.py"):
+            if path.name == "sharding.py" and path.parent.name == "model":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Constant) and node.value in sharding.MESH_AXES:
+                    offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert offenders == []
 
 
 def test_spec_for_drops_axes_that_do_not_divide_and_rejects_clashes():

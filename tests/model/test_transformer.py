@@ -1,4 +1,4 @@
-"""The decoder against the reference's own outputs (fixture forward cases)."""
+"""The decoder against the reference's own outputs (forward cases of every reference set)."""
 
 from __future__ import annotations
 
@@ -53,12 +53,14 @@ def test_forward_matches_reference(forward_case, reference_params, reference_con
     assert max(diffs.values()) < FP32_TOL, diffs
 
 
-def test_bf16_compute_deviation_is_bounded(reference_dir, reference_params, reference_config):
+def test_bf16_compute_deviation_is_bounded(reference_set):
     """bf16 matmuls against the fp32 path: measured, and bounded relative to the logit scale."""
-    case_dir = reference_dir / "cases" / "forward_text"
-    params, cfg = reference_params("params_scan"), reference_config(True)
+    rs = reference_set
+    case_dir = next(d for d, f in rs.forward_runs()
+                    if f == rs.primary and "text_logits" in rs.load_case(d)[1])
+    params, cfg = rs.params(rs.primary), rs.file_config(rs.primary)
     d, ref = _run(case_dir, params, cfg, "float32")
-    _, bf = _run(case_dir, reference_params("params_scan", "bfloat16"), cfg.replace(param_dtype="bfloat16"),
+    _, bf = _run(case_dir, rs.params(rs.primary, "bfloat16"), cfg.replace(param_dtype="bfloat16"),
                  "bfloat16")
     valid = d["attention_mask"].astype(bool)
     for name in ("text_logits", "vision_logits"):
@@ -72,10 +74,11 @@ def test_bf16_compute_deviation_is_bounded(reference_dir, reference_params, refe
         assert rel > 0, "bf16 path produced fp32-identical logits: it did not run in bf16"
 
 
-def test_prefill_then_decode_matches_full_forward(reference_params, reference_config):
-    """Cached prefill + token-by-token decode == one full causal forward."""
-    cfg = reference_config(True)
-    params = reference_params("params_scan")
+def test_prefill_then_decode_matches_full_forward(public_set):
+    """Cached prefill + token-by-token decode == one full causal forward (a model
+    self-consistency check: one set is enough)."""
+    cfg = public_set.file_config(public_set.primary)
+    params = public_set.params(public_set.primary)
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, cfg.vocab_size, size=(2, 24)).astype(np.int32)
     attn = np.ones_like(tokens)
@@ -103,26 +106,30 @@ def test_prefill_then_decode_matches_full_forward(reference_params, reference_co
     assert int(cache.index[0]) == tokens.shape[1]
 
 
-def test_per_layer_and_scanned_layouts_agree(reference_params, reference_config):
-    cfg_scan, cfg_layers = reference_config(True), reference_config(False)
+def test_per_layer_and_scanned_layouts_agree(reference_set):
+    scan, per_layer = reference_set.fp32_file(True), reference_set.fp32_file(False)
+    assert scan and per_layer, "the manifest lists an fp32 file of each layout"
     tokens = jnp.arange(3, 40, dtype=jnp.int32)[None]
     vmask = jnp.zeros(tokens.shape, bool)
     pos = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    a = transformer.forward(reference_params("params_scan"), cfg_scan, tokens, vmask, pos)
-    b = transformer.forward(reference_params("params_noscan"), cfg_layers, tokens, vmask, pos)
+    a = transformer.forward(reference_set.params(scan), reference_set.file_config(scan), tokens, vmask, pos)
+    b = transformer.forward(reference_set.params(per_layer), reference_set.file_config(per_layer),
+                            tokens, vmask, pos)
     np.testing.assert_allclose(np.asarray(a.text_logits), np.asarray(b.text_logits), atol=FP32_TOL)
 
 
-def test_param_scan_axis_one_equals_axis_zero(reference_params, reference_config):
-    """The reference's param_scan_axis=1 layout (layer axis second) gives the same model."""
+def test_param_scan_axis_one_equals_axis_zero(reference_set):
+    """The reference's two param_scan_axis layouts (layer axis first or second) give the same model."""
     import jax
 
-    cfg0 = reference_config(True)
-    params0 = reference_params("params_scan")
+    scan = reference_set.fp32_file(True)
+    cfg0 = reference_set.file_config(scan)
+    params0 = reference_set.params(scan)
     stacked = params0["transformer"]["h"]["scan_decoder"]
-    moved = jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 0, 1), stacked)
+    axis = cfg0.param_scan_axis
+    moved = jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, axis, 1 - axis), stacked)
     params1 = {**params0, "transformer": {**params0["transformer"], "h": {"scan_decoder": moved}}}
-    cfg1 = cfg0.replace(param_scan_axis=1)
+    cfg1 = cfg0.replace(param_scan_axis=1 - axis)
     tokens = jnp.arange(3, 20, dtype=jnp.int32)[None]
     vmask = jnp.zeros(tokens.shape, bool)
     pos = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
