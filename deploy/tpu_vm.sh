@@ -18,9 +18,8 @@
 # (bf16, 7b-1m, batch 1); `serve` re-checks the fit with the planner in the image before it
 # starts. Override with MESH=dp,fsdp,tp,sp and MAX_MODEL_LEN=N.
 #
-# Multi-host serving is not implemented yet: `serve-slice` starts every worker in one
-# jax.distributed run, and each refuses at start with a message saying so. Use a single-host
-# type (the largest context on one host: v5p-8, 524288 tokens) until it is.
+# Multi-host: `serve-slice` starts every worker in one jax.distributed run; worker 0 serves
+# HTTP, the others follow its steps (server/engine/replica.py).
 set -euo pipefail
 
 # accelerator type | chips | hosts | device memory (planner name or size) | context | runtime version

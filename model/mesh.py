@@ -137,7 +137,8 @@ def maybe_initialize_distributed(env: Mapping[str, str] | None = None, *,
                                  coordinator_address: str | None = None,
                                  num_processes: int | None = None,
                                  process_id: int | None = None,
-                                 force: bool | None = None) -> bool:
+                                 force: bool | None = None,
+                                 heartbeat_timeout_s: int | None = None) -> bool:
     """Start JAX's multi-controller runtime when asked to, before any mesh is built.
 
     Explicit arguments (the CLI's `--coordinator/--num-processes/--process-id`) win;
@@ -152,6 +153,7 @@ def maybe_initialize_distributed(env: Mapping[str, str] | None = None, *,
         only visible through its metadata server); False never initialises; None
         (default) initialises when an explicit value is given or
         `distributed_requested(env)`.
+      heartbeat_timeout_s: a process silent this long counts as dead (JAX's default: 100 s).
     Returns:
       True when this call initialised the runtime; False when it was not asked for
       or was already running (safe to call twice).
@@ -171,6 +173,11 @@ def maybe_initialize_distributed(env: Mapping[str, str] | None = None, *,
         kwargs["num_processes"] = int(count)
     if index not in (None, ""):
         kwargs["process_id"] = int(index)
+    if heartbeat_timeout_s is not None:
+        kwargs["heartbeat_timeout_seconds"] = heartbeat_timeout_s
+    # Recoverable: when a process dies the others keep running (JAX's default ends them
+    # all), so process 0 can still answer "not ready" / 503 instead of vanishing.
+    jax.config.update("jax_enable_recoverability", True)
     logger.info("initialising jax.distributed (%s)",
                 ", ".join(f"{k}={v}" for k, v in kwargs.items()) or "from the cluster environment")
     jax.distributed.initialize(**kwargs)

@@ -73,6 +73,7 @@ _DEPLOY_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--num-processes", "num_processes", {"type": int, "metavar": "N"}),
     ("--process-id", "process_id", {"type": int, "metavar": "I"}),
     ("--distributed", "distributed", {"action": argparse.BooleanOptionalAction}),
+    ("--heartbeat-timeout", "heartbeat_timeout_s", {"type": int, "metavar": "SECONDS"}),
 ]
 
 
@@ -153,8 +154,7 @@ def start_devices(settings: Any) -> None:
     """Join the multi-host run (if any) and check the platform, before any mesh is built.
 
     Raises:
-        StartupError: several processes (multi-host serving does not exist yet), or
-            `--accelerator tpu|gpu` while JAX runs on another platform.
+        StartupError: `--accelerator tpu|gpu` while JAX runs on another platform.
     """
     import jax
 
@@ -162,16 +162,13 @@ def start_devices(settings: Any) -> None:
 
     maybe_initialize_distributed(coordinator_address=settings.coordinator,
                                  num_processes=settings.num_processes,
-                                 process_id=settings.process_id, force=settings.distributed)
+                                 process_id=settings.process_id, force=settings.distributed,
+                                 heartbeat_timeout_s=settings.heartbeat_timeout_s)
     _check_accelerator(settings.accelerator, jax.default_backend())
     if jax.process_count() > 1:
-        # Without followers, process 0 would take requests whose jitted steps wait
-        # forever for the other hosts: every process refuses instead.
-        raise StartupError(
-            f"multi-host serving is not implemented yet: this is process {jax.process_index()} of "
-            f"{jax.process_count()} ({jax.device_count()} devices in all). Serve from one host "
-            "(one process over its local devices), with a --max-model-len that "
-            "`lwm-serve plan` says fits its chips")
+        logger.info("multi-host run: this is process %d of %d (%d devices in all, %d here); %s",
+                    jax.process_index(), jax.process_count(), jax.device_count(), jax.local_device_count(),
+                    "it serves HTTP" if jax.process_index() == 0 else "it follows process 0's steps")
 
 
 def _check_accelerator(wanted: str, backend: str) -> None:
@@ -194,6 +191,12 @@ def _check_accelerator(wanted: str, backend: str) -> None:
                        "--accelerator tpu|gpu to refuse to start in this case !!!", ", ".join(plugins))
 
 
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
 def _env(field: str) -> str:
     from lwm_serve.server.config import ENV_PREFIX
 
@@ -214,7 +217,12 @@ def serve(settings: Any) -> int:
     from lwm_serve.server.app import build_app
 
     start_devices(settings)
+    if _is_follower():
+        from lwm_serve.server.follower import follow
+
+        return follow(settings)
     runtime = _load(settings)  # before binding the port: a bad model fails fast, clearly
+    runtime.replica = _leader_link()
     app = build_app(settings, runtime)
     logger.info("listening on http://%s:%d (auth %s)", settings.host, settings.port,
                 "on" if settings.accepted_keys else "off")
@@ -222,6 +230,23 @@ def serve(settings: Any) -> int:
                             log_level=settings.log_level, timeout_graceful_shutdown=DRAIN_TIMEOUT_S)
     DrainingServer(config).run()
     return 0
+
+
+def _is_follower() -> bool:
+    import jax
+
+    return jax.process_count() > 1 and jax.process_index() != 0
+
+
+def _leader_link() -> Any:
+    """Process 0 of a multi-host run: the link its engine replays through (else None)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return None
+    from lwm_serve.server.engine.replica import Leader
+
+    return Leader()
 
 
 DRAIN_TIMEOUT_S = 30
@@ -247,6 +272,8 @@ def generate(settings: Any, args: argparse.Namespace) -> int:
     from lwm_serve.server.services import build_services
 
     start_devices(settings)
+    if _process_count() > 1:
+        raise StartupError("`generate` runs on one host; use `serve` for a multi-host run")
     services = build_services(settings, _load(settings))
     services.engine.start()
     knobs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -110,6 +110,9 @@ class ServerSettings(BaseSettings):
         "initialise jax.distributed: true always (a TPU VM pod slice, where JAX reads the "
         "topology from the TPU metadata), false never; unset: when --coordinator or the "
         "environment asks for it"))
+    heartbeat_timeout_s: int = Field(30, ge=1, description=(
+        "multi-host: a process silent this long counts as dead (jax.distributed heartbeats); "
+        "process 0 then answers 503 on /ready and every request"))
     # --- HTTP
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="bind port (0: any free port)")

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from lwm_serve.model.generation import ContextLengthError
-from lwm_serve.server.engine.scheduler import QueueFullError
+from lwm_serve.server.engine.scheduler import QueueFullError, SchedulerClosedError
 from lwm_serve.server.schemas.common import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def _domain_error_types() -> tuple[type[Exception], ...]:
     from lwm_serve.tokenizers.text import TokenizerError
     from lwm_serve.tokenizers.vision_layout import VisionLayoutError
 
-    return (ContextLengthError, QueueFullError, TemplateError, TokenizerError, MediaError, FileStoreError,
+    return (ContextLengthError, QueueFullError, SchedulerClosedError, TemplateError, TokenizerError, MediaError, FileStoreError,
             VisionLayoutError)
 
 
@@ -138,10 +138,12 @@ def to_api_error(exc: BaseException, *, param: str | None = None) -> APIError:
     if isinstance(exc, QueueFullError):
         return ServiceUnavailableError(str(exc), code="queue_full",
                                        headers={"Retry-After": str(exc.retry_after_s)})
+    if isinstance(exc, SchedulerClosedError):  # draining, or the engine (a multi-host process) is gone
+        return ServiceUnavailableError(str(exc), headers={"Retry-After": "5"})
     mapped = _media_or_file_error(exc, param)
     if mapped is not None:
         return mapped
-    if isinstance(exc, _domain_error_types()[2:]):
+    if isinstance(exc, _domain_error_types()[3:]):
         return InvalidRequestError(str(exc), param=param)  # tokenizer/template/media: the request's fault
     return APIError("internal server error (this is a bug; it was logged)", code="internal_error")
 

@@ -62,6 +62,7 @@ class Runtime:
     vqgan: vq.VQGAN | None = None
     mesh: Any = None
     step_hook: Any = None  # called by the engine worker before each step (tests pace it)
+    replica: Any = None    # process 0 of a multi-host run: server/engine/replica.py's Leader
 
     @property
     def max_context(self) -> int:

@@ -93,7 +93,7 @@ def build_services(settings: ServerSettings, runtime: RuntimeLike, observer: Any
                     max_num_seqs=settings.max_num_seqs, kv_cache_bytes=settings.kv_cache_bytes,
                     prefix_cache_bytes=settings.prefix_cache_bytes,
                     request_timeout_s=settings.request_timeout_s, observer=observer,
-                    step_hook=getattr(runtime, "step_hook", None))
+                    step_hook=getattr(runtime, "step_hook", None), replica=getattr(runtime, "replica", None))
     limits = HandlerLimits(default_max_tokens=settings.default_max_tokens, max_batch=settings.max_batch)
     data = settings.resolved_data_dir()
     store = FileStore(data / "files", settings.max_upload_bytes)

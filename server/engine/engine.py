@@ -41,6 +41,7 @@ from lwm_serve.model.runner import SlotPool, prompt_offset
 from lwm_serve.model.sampling import SamplingParams
 from lwm_serve.server.engine import live as live_lib
 from lwm_serve.server.engine.live import LiveRequest
+from lwm_serve.server.engine.replica import Leader, ReplicaLostError
 from lwm_serve.server.engine.request import (AbortReason, GenerationRequest, PrefillProgress, RequestRecord,
                                              RequestStatus, RequestTimeoutError)
 from lwm_serve.server.engine.scheduler import Scheduler, SchedulerClosedError
@@ -171,13 +172,16 @@ class Engine:
         observer: receives metrics events.
         step_hook: called by the worker before each engine step (tests use it to
             pace or gate the worker).
+        replica: on process 0 of a multi-host run, the link to the other processes
+            (server/engine/replica.py): the pool and prefix cache replay there, and
+            losing a process stops this engine.
     """
 
     def __init__(self, generator: Generator, *, max_queue: int = 64, retry_after_s: int = 1,
                  history: int = 1024, max_num_seqs: int = 16, kv_cache_bytes: int | None = None,
                  prefix_cache_bytes: int = 1 << 30, request_timeout_s: float | None = None,
                  observer: EngineObserver | None = None,
-                 step_hook: Callable[[], None] | None = None) -> None:
+                 step_hook: Callable[[], None] | None = None, replica: Leader | None = None) -> None:
         self.generator = generator
         self._scheduler: Scheduler[_Entry] = Scheduler(max_queue, retry_after_s)
         self._records: collections.OrderedDict[str, RequestRecord] = collections.OrderedDict()
@@ -188,7 +192,10 @@ class Engine:
         self._finished = self._aborted = self._failed = self._tokens = self._prompt_tokens = 0
         self._max_num_seqs = max_num_seqs
         self._kv_cache_bytes = kv_cache_bytes
-        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.replica = replica
+        self._lost: ReplicaLostError | None = None
+        self.prefix_cache = (PrefixCache(prefix_cache_bytes) if replica is None
+                             else replica.prefix_cache(prefix_cache_bytes))
         self.request_timeout_s = request_timeout_s
         self.observer = observer
         self.step_hook = step_hook
@@ -205,12 +212,13 @@ class Engine:
         chunk = gen.prefill_chunk
         # Room for the longest request plus the left padding of a short prompt.
         length = gen.context_limit + max(prompt_offset(n, chunk) for n in (1, chunk // 2, chunk - 1))
-        probe = SlotPool(gen.params, gen.cfg, num_slots=1, max_length=length, prefill_chunk=chunk, mesh=gen.mesh)
+        new_pool = SlotPool if self.replica is None else self.replica.slot_pool
+        probe = new_pool(gen.params, gen.cfg, num_slots=1, max_length=length, prefill_chunk=chunk, mesh=gen.mesh)
         rows = self._max_num_seqs
         if self._kv_cache_bytes is not None:
             rows = max(1, min(rows, self._kv_cache_bytes // (probe.bytes_per_slot * probe.max_length)))
         del probe
-        pool = SlotPool(gen.params, gen.cfg, num_slots=rows, max_length=length, prefill_chunk=chunk,
+        pool = new_pool(gen.params, gen.cfg, num_slots=rows, max_length=length, prefill_chunk=chunk,
                         mesh=gen.mesh, prefix_cache=self.prefix_cache)
         logger.info("KV pool: %d rows x %d slots (%.1f MiB), prefix cache budget %.1f MiB", rows,
                     pool.max_length, rows * pool.max_length * pool.bytes_per_slot / 2**20,
@@ -240,6 +248,9 @@ class Engine:
             return
         if self.pool is None:
             self.pool = self._build_pool()
+        if self.replica is not None:
+            self.replica.on_lost(self._lose)
+            self.replica.start_watchdog()
         self._precompile_first = precompile
         self._thread = threading.Thread(target=self._work, name="lwm-engine", daemon=True)
         self._thread.start()
@@ -268,15 +279,19 @@ class Engine:
         for live in list(self._decoding) + ([self._prefilling] if self._prefilling else []):
             live.entry.record.request_abort("client")
         self._scheduler.wake()
+        stuck = False
         if self._thread is not None:
             self._thread.join(timeout)
-            if self._thread.is_alive():
+            stuck = self._thread.is_alive()
+            if stuck:
                 logger.warning("engine worker did not stop within %.0f s", timeout)
             self._thread = None
+        if self.replica is not None and not stuck:  # (one thread broadcasts at a time)
+            self.replica.close()  # the followers exit too
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and self._lost is None
 
     # ------------------------------------------------------------------ requests
 
@@ -293,6 +308,8 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Admits a request (call on the event loop). Raises QueueFullError when full."""
+        if self._lost is not None:
+            raise SchedulerClosedError(f"the engine is not running: {self._lost}")
         if not self.alive or self._draining:
             raise SchedulerClosedError("the server is shutting down" if self._draining
                                        else "the engine is not running")
@@ -362,6 +379,8 @@ class Engine:
                 self._end_all()
                 return
             try:
+                if self.replica is not None:
+                    self.replica.tick(busy)
                 self._drop_stopped()
                 self._admit()
                 if self.step_hook is not None and (self._prefilling is not None or self._decoding):
@@ -376,10 +395,35 @@ class Engine:
                         self._finish(live, exc)
                 if self._decoding:
                     self._decode()
+            except ReplicaLostError as exc:
+                self._lose(exc)
+                return
             except Exception as exc:  # a bug or a device failure: fail what runs, keep serving
+                if self.replica is not None and not self.replica.probe():  # ...or a lost process
+                    self._lose(self._lost or ReplicaLostError(self.replica.lost_reason))
+                    return
                 logger.exception("engine step failed")
                 for live in list(self._decoding) + ([self._prefilling] if self._prefilling else []):
                     self._finish(live, exc)
+
+    def _lose(self, error: ReplicaLostError) -> None:
+        """A process of the multi-host run is gone: nothing can run on the mesh any more.
+        Fails every request now (from the worker, or from the replica's watchdog while
+        the worker hangs in a collective), so no client waits forever."""
+        with self._lock:
+            if self._lost is not None and threading.current_thread() is not self._thread:
+                return
+            self._lost = error
+        for entry in self._scheduler.close():
+            entry.record.status = RequestStatus.FAILED
+            self._deliver(entry, _Failure(error))
+            self._deliver(entry, _END)
+        for live in list(self._decoding) + ([self._prefilling] if self._prefilling else []):
+            if threading.current_thread() is self._thread:
+                self._finish(live, error)
+            else:  # the worker is stuck: hand the failure out directly
+                self._deliver(live.entry, _Failure(error))
+                self._deliver(live.entry, _END)
 
     def _end_all(self) -> None:
         for live in list(self._decoding) + ([self._prefilling] if self._prefilling else []):

@@ -1,64 +1,18 @@
 """Start-up of a deployment: multi-host flags, jax.distributed, accelerator checks.
 
-Multi-host serving (followers running the engine's steps) does not exist yet, so a
-run of several processes must refuse at start, on every process, instead of
-serving requests that would wait forever for the other hosts.
+Two real processes serving one run (flags and environment): tests/server/test_multihost.py.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from lwm_serve.server import cli
 from lwm_serve.server.config import ServerSettings
-
-LWM_SERVE = Path(sys.executable).with_name("lwm-serve")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_join_one_run_and_both_refuse_clearly(tmp_path):
-    """Process 0 gets the flags, process 1 the standard JAX environment (auto-detection)."""
-    coordinator = f"127.0.0.1:{_free_port()}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "LWM_SERVE_", "XLA_"))}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               LWM_SERVE_HOME=str(tmp_path))
-    common = ["serve", "--port", "0", "--log-level", "info"]
-    by_flags = subprocess.Popen(
-        [str(LWM_SERVE), *common, "--coordinator", coordinator, "--num-processes", "2", "--process-id", "0"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    by_env = subprocess.Popen(
-        [str(LWM_SERVE), *common],
-        env={**env, "JAX_COORDINATOR_ADDRESS": coordinator, "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    outputs = []
-    try:
-        for proc in (by_flags, by_env):
-            out, _ = proc.communicate(timeout=240)  # JAX's own join timeout is 300 s: a hang fails here
-            outputs.append((proc.returncode, out))
-    finally:
-        for proc in (by_flags, by_env):
-            if proc.poll() is None:
-                proc.kill()
-    for index, (code, out) in enumerate(outputs):
-        assert code == 1, out
-        # Both joined the same run: 2 processes, the devices of both.
-        assert f"process {index} of 2 (8 devices in all)" in out, out
-        assert "multi-host serving is not implemented yet" in out, out
-        assert "listening on" not in out and "loading model" not in out, out
 
 
 @pytest.mark.parametrize("kwargs,fragment", [
