@@ -14,7 +14,9 @@ from lwm_serve.model.params import unstack_layers
 from lwm_serve.model.prefix_cache import PrefixCache
 from lwm_serve.model.runner import SlotPool, prompt_offset
 
-FP32_TOL = 1e-5
+# Equal math over differently shaped matmuls (a 4-row step vs a 1-row step, a 32-token tail
+# vs a 128-token chunk) sums in another order: fp32 logits then agree to ~1e-5, not bit for bit.
+FP32_TOL = 1e-4
 
 
 @pytest.fixture

@@ -85,8 +85,9 @@ def test_soak_mixed_requests_disconnects_and_bad_inputs(fixture_runtime, make_se
     assert stats.prefix_bytes <= live.engine.prefix_cache.budget
     samples = read_metrics(live.base_url)
     assert samples[("lwm:kv_slots_used", ())] == 0
+    # (/ready answers 503 by design while the server warms up)
     assert not [k for k, v in samples.items() if k[0] == "lwm:http_responses_total"
-                and dict(k[1])["status"].startswith("5") and v]
+                and dict(k[1])["status"].startswith("5") and dict(k[1])["route"] != "/ready" and v]
     assert not list((live.data_dir / "tmp").glob("*")) if (live.data_dir / "tmp").exists() else True
     # peak RSS grows by less than a quarter over the second half of the run
     assert rss[-1] <= rss[len(rss) // 2] * 1.25

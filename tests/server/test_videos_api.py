@@ -123,7 +123,7 @@ def test_extend_an_uploaded_clip(client, server, media_kit, tmp_path):
     codes = _codes(server, ext.id)
     assert len(codes) == 2 + 1
     from lwm_serve.tokenizers.frame_sampling import SamplingSpec
-    from lwm_serve.tokenizers.vision_cache import encode_media
+    from lwm_serve.tokenizers.media_ingest import encode_media
 
     clip_codes, _ = encode_media(path, SamplingSpec(max_frames=None, fps=4), server.services.vision.vqgan)
     np.testing.assert_array_equal(codes[:2], clip_codes)
@@ -145,7 +145,7 @@ def test_create_multipart_with_reference_image_list_delete(client, server, serve
     assert len(frames) == 2 and frames[0].shape == (128, 128, 3)
     # The first frame is the reference image's codes.
     from lwm_serve.tokenizers.frame_sampling import SamplingSpec
-    from lwm_serve.tokenizers.vision_cache import encode_media
+    from lwm_serve.tokenizers.media_ingest import encode_media
 
     ref_codes, _ = encode_media(image, SamplingSpec(max_frames=1), server.services.vision.vqgan)
     np.testing.assert_array_equal(_codes(server, created.id)[0], ref_codes[0])
