@@ -228,7 +228,10 @@ def serve(settings: Any) -> int:
                 "on" if settings.accepted_keys else "off")
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             log_level=settings.log_level, timeout_graceful_shutdown=DRAIN_TIMEOUT_S)
-    DrainingServer(config).run()
+    try:
+        DrainingServer(config).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled once it is done (as uvicorn.run)
+        pass
     return 0
 
 

@@ -51,7 +51,11 @@ def _wait(condition, what: str, timeout: float = 60.0) -> None:
 
 
 def _count(server, route: str, status: int) -> int:
-    return sum(n for (m, r, s), n in server.app.state.http_counter.snapshot().items() if r == route and s == status)
+    """Responses counted by the app's metrics (`lwm:http_responses_total`) for a route and status."""
+    return int(sum(sample.value for family in server.app.state.metrics.registry.collect()
+                   for sample in family.samples
+                   if sample.name == "lwm:http_responses_total" and sample.labels.get("route") == route
+                   and sample.labels.get("status") == str(status)))
 
 
 @pytest.fixture(scope="module")

@@ -233,6 +233,10 @@ def test_drain_refuses_new_and_stop_fails_waiting(fixture_runtime):
 
     async def main():
         first = engine.submit(_request(engine, [1, 5, 6], max_new=3))
+        for _ in range(3000):  # the worker has taken it (and waits at the gate)
+            if first.record.status is RequestStatus.RUNNING:
+                break
+            await asyncio.sleep(0.01)
         second = engine.submit(_request(engine, [1, 5, 7], max_new=3))
         engine.drain()
         with pytest.raises(Exception, match="shutting down"):

@@ -60,8 +60,13 @@ def test_follower_replay_ends_with_the_leaders_pool_and_prefix_cache(fixture_run
     assert (mine.num_slots, mine.max_length) == (theirs.num_slots, theirs.max_length)
     np.testing.assert_array_equal(mine.index, theirs.index)
     np.testing.assert_array_equal(mine.position, theirs.position)
-    for a, b in zip((*mine.pool.k, *mine.pool.v, mine.pool.valid), (*theirs.pool.k, *theirs.pool.v, theirs.pool.valid)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    valid = np.asarray(mine.pool.valid)
+    np.testing.assert_array_equal(valid, np.asarray(theirs.pool.valid))
+    # Every slot attention can read is equal. Empty slots are never read: the decode step
+    # writes them for rows nobody occupies, and what it leaves there carries no meaning.
+    for a, b in zip((*mine.pool.k, *mine.pool.v), (*theirs.pool.k, *theirs.pool.v)):
+        a, b = np.moveaxis(np.asarray(a), 2, 1), np.moveaxis(np.asarray(b), 2, 1)  # [B, S, K, D]
+        np.testing.assert_array_equal(a[valid], b[valid])
     lead_stats, follow_stats = engine.prefix_cache.stats(), follower.prefix.stats()
     assert lead_stats == follow_stats and lead_stats.hit_tokens > 0
     assert [e.ids.tolist() for e in engine.prefix_cache._entries.values()] == \
