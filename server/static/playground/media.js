@@ -213,11 +213,23 @@ async function drawVideoFrames(url, figures) {
       video.currentTime = target;
       await once(video, 'seeked');
     }
+    await framePresented(video);
     drawCover(f.canvas, video, video.videoWidth, video.videoHeight);
     f.el.classList.add('drawn');
   }
   video.removeAttribute('src');
   video.load();
+}
+
+/** After a seek, 'seeked' can fire before the new frame is decoded on a busy machine (a black
+ * thumbnail): wait for the frame itself where the browser says so, else a short while. */
+function framePresented(video) {
+  return new Promise((resolve) => {
+    const timer = setTimeout(resolve, 300);
+    if (video.requestVideoFrameCallback) {
+      video.requestVideoFrameCallback(() => { clearTimeout(timer); resolve(); });
+    }
+  });
 }
 
 function once(el, name) {
