@@ -30,9 +30,8 @@ import itertools
 import logging
 import threading
 import time
-import weakref
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Protocol
+from typing import Callable, Protocol
 
 import jax.numpy as jnp
 from lwm_serve.model.generation import ContextLengthError, Generator, PromptRow, StepOutput
@@ -40,16 +39,14 @@ from lwm_serve.model.prefix_cache import PrefixCache
 from lwm_serve.model.runner import SlotPool, prompt_offset
 from lwm_serve.model.sampling import SamplingParams
 from lwm_serve.server.engine import live as live_lib
+from lwm_serve.server.engine.handle import END, Entry, Failure, RequestHandle
 from lwm_serve.server.engine.live import LiveRequest
 from lwm_serve.server.engine.replica import Leader, ReplicaLostError
-from lwm_serve.server.engine.request import (AbortReason, GenerationRequest, PrefillProgress, RequestRecord,
+from lwm_serve.server.engine.request import (GenerationRequest, PrefillProgress, RequestRecord,
                                              RequestStatus, RequestTimeoutError)
 from lwm_serve.server.engine.scheduler import Scheduler, SchedulerClosedError
 
 logger = logging.getLogger(__name__)
-
-_END = object()
-
 
 class EngineObserver(Protocol):
     """What the engine reports as it works (server/metrics.py implements it)."""
@@ -58,19 +55,6 @@ class EngineObserver(Protocol):
     def first_token(self, ttft_s: float) -> None: ...
     def tokens(self, count: int, gap_s: float | None) -> None: ...
     def request_ended(self, status: str, e2e_s: float) -> None: ...
-
-
-@dataclass(frozen=True)
-class _Failure:
-    error: BaseException
-
-
-@dataclass
-class _Entry:
-    request: GenerationRequest
-    record: RequestRecord
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
 
 
 @dataclass
@@ -94,67 +78,6 @@ class EngineStats:
     prefix_bytes: int = 0
     prefix_in_use: int = 0
     draining: bool = False
-
-
-class RequestHandle:
-    """The consumer side of one request (lives on the event loop)."""
-
-    def __init__(self, entry: _Entry, wake: Callable[[], None]) -> None:
-        self._entry = entry
-        self._wake = wake
-        self._ended = False
-        # A handle dropped unconsumed (e.g. a stream whose client left before the
-        # first byte) must not leave the worker generating for nobody.
-        self._on_drop = weakref.finalize(self, _abort_record, entry.record, wake)
-
-    @property
-    def request_id(self) -> str:
-        return self._entry.request.request_id
-
-    @property
-    def record(self) -> RequestRecord:
-        return self._entry.record
-
-    def abort(self, reason: AbortReason = "client") -> None:
-        """Asks the worker to stop this request at its next step (idempotent)."""
-        if not self._ended:
-            _abort_record(self._entry.record, self._wake, reason)
-
-    def _set_ended(self) -> None:
-        self._ended = True
-        self._on_drop.detach()
-
-    async def events(self) -> AsyncIterator[StepOutput | PrefillProgress]:
-        """Prefill progress, then the request's steps in order. Raises the worker's
-        exception if it failed. Leaving early (break, cancel, aclose) aborts the request."""
-        try:
-            while True:
-                item = await self._entry.queue.get()
-                if item is _END:
-                    self._set_ended()
-                    return
-                if isinstance(item, _Failure):
-                    self._set_ended()
-                    raise item.error
-                yield item
-        finally:
-            if not self._ended:
-                self.abort("client")
-
-    async def steps(self) -> AsyncIterator[StepOutput]:
-        """The request's steps only (see `events`)."""
-        events = self.events()
-        try:
-            async for item in events:
-                if isinstance(item, StepOutput):
-                    yield item
-        finally:
-            await events.aclose()
-
-
-def _abort_record(record: RequestRecord, wake: Callable[[], None], reason: AbortReason = "client") -> None:
-    record.request_abort(reason)
-    wake()
 
 
 class Engine:
@@ -183,7 +106,7 @@ class Engine:
                  observer: EngineObserver | None = None,
                  step_hook: Callable[[], None] | None = None, replica: Leader | None = None) -> None:
         self.generator = generator
-        self._scheduler: Scheduler[_Entry] = Scheduler(max_queue, retry_after_s)
+        self._scheduler: Scheduler[Entry] = Scheduler(max_queue, retry_after_s)
         self._records: collections.OrderedDict[str, RequestRecord] = collections.OrderedDict()
         self._history = history
         self._lock = threading.Lock()
@@ -274,8 +197,8 @@ class Engine:
         """Stops admissions, fails waiting requests, aborts running ones, joins."""
         for entry in self._scheduler.close():
             entry.record.status = RequestStatus.FAILED
-            self._deliver(entry, _Failure(SchedulerClosedError("the server is shutting down")))
-            self._deliver(entry, _END)
+            self._deliver(entry, Failure(SchedulerClosedError("the server is shutting down")))
+            self._deliver(entry, END)
         for live in list(self._decoding) + ([self._prefilling] if self._prefilling else []):
             live.entry.record.request_abort("client")
         self._scheduler.wake()
@@ -322,7 +245,7 @@ class Engine:
                              f"decode slots (--max-num-seqs)")
         record = RequestRecord(request.request_id, len(request.rows), request.max_new_tokens,
                                prompt_tokens=request.prompt_tokens)
-        entry = _Entry(request, record, asyncio.get_running_loop(), asyncio.Queue())
+        entry = Entry(request, record, asyncio.get_running_loop(), asyncio.Queue())
         self._scheduler.add(entry)  # may raise QueueFullError
         with self._lock:
             self._records[request.request_id] = record
@@ -360,7 +283,7 @@ class Engine:
 
     # ------------------------------------------------------------------ worker
 
-    def _deliver(self, entry: _Entry, item: object) -> None:
+    def _deliver(self, entry: Entry, item: object) -> None:
         try:
             entry.loop.call_soon_threadsafe(entry.queue.put_nowait, item)
         except RuntimeError:  # the consumer's loop is closed: nobody is listening
@@ -416,14 +339,14 @@ class Engine:
             self._lost = error
         for entry in self._scheduler.close():
             entry.record.status = RequestStatus.FAILED
-            self._deliver(entry, _Failure(error))
-            self._deliver(entry, _END)
+            self._deliver(entry, Failure(error))
+            self._deliver(entry, END)
         for live in list(self._decoding) + ([self._prefilling] if self._prefilling else []):
             if threading.current_thread() is self._thread:
                 self._finish(live, error)
             else:  # the worker is stuck: hand the failure out directly
-                self._deliver(live.entry, _Failure(error))
-                self._deliver(live.entry, _END)
+                self._deliver(live.entry, Failure(error))
+                self._deliver(live.entry, END)
 
     def _end_all(self) -> None:
         for live in list(self._decoding) + ([self._prefilling] if self._prefilling else []):
@@ -572,7 +495,7 @@ class Engine:
         live.tasks = []
         self._end(live.entry, error)
 
-    def _end(self, entry: _Entry, error: BaseException | None) -> None:
+    def _end(self, entry: Entry, error: BaseException | None) -> None:
         rec = entry.record
         rec.ended = time.monotonic()
         if error is not None:
@@ -580,7 +503,7 @@ class Engine:
             self._failed += 1
             log = logger.info if isinstance(error, (RequestTimeoutError, ContextLengthError)) else logger.warning
             log("[%s] failed after %d steps: %s", rec.request_id, rec.steps, rec.error)
-            self._deliver(entry, _Failure(error))
+            self._deliver(entry, Failure(error))
         elif rec.abort_reason == "client":
             rec.status = RequestStatus.ABORTED
             self._aborted += 1
@@ -591,7 +514,7 @@ class Engine:
             logger.debug("[%s] finished: %d steps", rec.request_id, rec.steps)
         if self.observer is not None:
             self.observer.request_ended(rec.status.value, rec.ended - rec.created)
-        self._deliver(entry, _END)
+        self._deliver(entry, END)
 
 
 def _with_timeout(req: GenerationRequest, seconds: float) -> GenerationRequest:

@@ -11,7 +11,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
-from lwm_serve.server.engine.engine import RequestHandle
+from lwm_serve.server.engine.handle import RequestHandle
 from lwm_serve.server.engine.request import PrefillProgress
 from lwm_serve.server.handlers.text_output import ChoiceDecoder, FinishReason, TokenRecord
 
