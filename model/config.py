@@ -45,6 +45,10 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "bench-150m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048,
                        num_hidden_layers=12, num_attention_heads=12,
                        max_sequence_length=32768, theta=10_000_000.0),
+    # LWM-Nano (nano/): the shipped default model, trained here on a synthetic world.
+    "nano": dict(vocab_size=512, hidden_size=128, intermediate_size=384,
+                 num_hidden_layers=4, num_attention_heads=4,
+                 max_sequence_length=4096, theta=10000.0),
     "demo": dict(vocab_size=512, hidden_size=128, intermediate_size=344,
                  num_hidden_layers=2, num_attention_heads=4,
                  max_sequence_length=32768, theta=10_000_000.0),

@@ -77,7 +77,7 @@ def train_demo_model(corpus: Path = DEMO_CORPUS, vocab_size: int = DEMO_VOCAB_SI
     return model.getvalue()
 
 
-def build_demo_tokenizer(out_dir: Path) -> Path:
+def build_demo_tokenizer(out_dir: Path, corpus: Path = DEMO_CORPUS) -> Path:
     """Writes the demo tokenizer directory.
 
     Args:
@@ -89,7 +89,7 @@ def build_demo_tokenizer(out_dir: Path) -> Path:
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MODEL_FILE).write_bytes(train_demo_model())
+    (out_dir / MODEL_FILE).write_bytes(train_demo_model(corpus))
     (out_dir / CONFIG_FILE).write_text(json.dumps(_TOKENIZER_CONFIG, indent=1) + "\n", encoding="utf-8")
     (out_dir / SPECIAL_TOKENS_MAP_FILE).write_text(json.dumps(_SPECIAL_TOKENS_MAP, indent=1) + "\n", encoding="utf-8")
     logger.info("built demo tokenizer (vocab %d) in %s", DEMO_VOCAB_SIZE, out_dir)

@@ -1,0 +1,136 @@
+"""LWM-Nano's training parts: the constructed VQGAN encoder, the sequences, the training forward."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lwm_serve.model import config as model_config
+from lwm_serve.model import transformer
+from lwm_serve.nano import data as nd
+from lwm_serve.nano import questions as nq
+from lwm_serve.nano import train_lm as tl
+from lwm_serve.nano import vqgan_fit as vf
+from lwm_serve.nano import world
+from lwm_serve.tokenizers import chat_template as ct
+from lwm_serve.tokenizers import vqgan as vq
+from lwm_serve.tokenizers.demo_tokenizer import build_demo_tokenizer
+from lwm_serve.tokenizers.media_decode import decode_media
+from lwm_serve.tokenizers.text import TextTokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> TextTokenizer:
+    from lwm_serve.nano.train import CORPUS
+
+    return TextTokenizer(build_demo_tokenizer(tmp_path_factory.mktemp("tok"), corpus=CORPUS))
+
+
+@pytest.fixture(scope="module")
+def world_frames() -> np.ndarray:
+    """Frames of a few world videos, through H.264 and the server's decoder."""
+    return np.concatenate([np.stack([f for _, f in decode_media(world.video_mp4(world.scene_from_seed(s)))])
+                           for s in range(3)])
+
+
+def test_constructed_encoder_describes_each_patch_by_colour_and_cells(world_frames):
+    params = vf.constructed_encoder()
+    vq.check_params(params, vf.CONFIG)
+    frames = world_frames[:4]
+    desc = vf.descriptors(params, frames)  # the reference encoder's own layers
+    x = frames.astype(np.float32) / 255
+    patch_rgb = x.reshape(4, 16, 16, 16, 16, 3).mean(axis=(2, 4))
+    cells = x.mean(-1).reshape(4, 64, 4, 64, 4).mean(axis=(2, 4))
+    # Each descriptor channel is an increasing function of its patch statistic.
+    for k in range(3):
+        assert np.corrcoef(desc[..., k].ravel(), patch_rgb[..., k].ravel())[0, 1] > 0.999
+    cell00 = cells.reshape(4, 16, 4, 16, 4)[:, :, 0, :, 0]  # each patch's top-left 4x4 cell
+    assert np.corrcoef(desc[..., 3].ravel(), cell00.ravel())[0, 1] > 0.999
+    assert np.all(desc[..., vf.NUM_SIGNALS:] == 0)
+
+
+def test_fast_codes_equal_the_served_encoder(world_frames):
+    params = vf.constructed_encoder()
+    pts, counts = vf.unique_descriptors(vf.fast_descriptors(params, world_frames), decimals=2)
+    params["quantize"]["embeddings"] = vf.codebook(vf.kmeans(pts, counts, vf.NUM_USED, 3, seed=0))
+    frames = world_frames[:8]
+    served = np.asarray(vq.encode(params, vf.CONFIG, jnp.asarray(frames.astype(np.float32) / 127.5 - 1))[1])
+    fast = vf.fast_codes(params, frames)
+    assert (fast == served).mean() >= 0.999
+    assert served.max() < vf.NUM_USED  # the parked codes are never chosen
+
+
+def test_trained_decoder_is_the_reference_decoder():
+    params = vf.constructed_encoder()
+    params["quantize"]["embeddings"] = vf.codebook(np.random.default_rng(0).normal(size=(vf.NUM_USED, 19)))
+    dec = vf.decoder_init(seed=3)
+    full = vf.full_params(params, params["quantize"]["embeddings"], dec)
+    codes = np.random.default_rng(1).integers(0, vf.NUM_USED, (2, 16, 16))
+    served = np.asarray(vq.decode(full, vf.CONFIG, jnp.asarray(codes)))
+    trained = np.asarray(jax.jit(vf._train_decoder_forward)(dec, jnp.asarray(full["quantize"]["embeddings"]),
+                                                             jnp.asarray(codes)))
+    np.testing.assert_allclose(served, trained, atol=1e-5)
+
+
+def test_question_sequence_starts_with_the_served_prompt(tok):
+    scene = world.scene_from_seed(11)
+    codes = np.arange(scene.num_frames * 256).reshape(scene.num_frames, 256) % vf.NUM_USED
+    qas = nq.questions_for(scene, "video")
+    seq = nd.qa_sequence(tok, codes, qas, "standard", "video")
+    prompt = ct.build_chat(tok, [ct.Message("user", qas[0].question, (codes,))])
+    n = len(prompt.ids)
+    assert seq.ids[:n].tolist() == prompt.ids and seq.vision[:n].tolist() == prompt.vision_mask
+    answer = tok.encode(qas[0].reply, add_bos=False) + [tok.eos_id]
+    assert seq.ids[n : n + len(answer)].tolist() == answer
+    # The position before each answer token predicts it; the prompt's text is not trained.
+    assert seq.target[n - 1 : n - 1 + len(answer)].tolist() == answer
+    text_targets = seq.target[(seq.target != nd.IGNORE) & ~np.r_[seq.vision[1:], False]]
+    replies = sum(len(tok.encode(q.reply, add_bos=False)) + 1 for q in qas)
+    assert len(text_targets) == replies
+
+
+def test_drawing_sequence_is_the_served_image_prompt_then_codes(tok):
+    codes = np.arange(256) + 7
+    seq = nd.draw_sequence(tok, codes, nq.image_prompt("red", "circle"))
+    prompt = ct.image_generation_prompt(tok, "a red circle.")
+    n = len(prompt.ids)
+    assert seq.ids[:n].tolist() == prompt.ids
+    assert seq.ids[n : n + 256].tolist() == codes.tolist() and seq.vision[n : n + 256].all()
+    assert seq.target[n - 1 : n + 255].tolist() == codes.tolist()
+    uncond = nd.draw_sequence(tok, codes, None)
+    assert uncond.ids[: len(ct.unconditional_prompt(tok).ids)].tolist() == ct.unconditional_prompt(tok).ids
+
+
+def test_training_forward_is_the_serving_forward():
+    cfg = model_config.from_preset("nano").replace(scan_layers=False, num_hidden_layers=2)
+    params = tl.init_model(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    t = 600  # three query blocks of the training attention
+    ids = rng.integers(0, 500, (2, t))
+    vision = rng.random((2, t)) < 0.5
+    pos = np.broadcast_to(np.arange(t), (2, t))
+    served = transformer.forward(params, cfg, jnp.asarray(ids), jnp.asarray(vision), jnp.asarray(pos))
+    trained = transformer.forward(params, cfg, jnp.asarray(ids), jnp.asarray(vision), jnp.asarray(pos),
+                                  attention_fn=tl._causal_blocked_attention)
+    np.testing.assert_allclose(served.text_logits, trained.text_logits, atol=2e-4)
+    np.testing.assert_allclose(served.vision_logits, trained.vision_logits, atol=2e-4)
+
+
+def test_a_few_steps_lower_the_loss(tok):
+    import optax
+
+    cfg = model_config.from_preset("nano").replace(scan_layers=False, num_hidden_layers=1)
+    params = tl.init_model(cfg, seed=0)
+    scene = world.scene_from_seed(5, kind="image")
+    seqs = [nd.qa_sequence(tok, np.full((1, 256), 3), nq.questions_for(scene, "image"), "standard", "image")]
+    batch = tl.to_device(nd.make_batch(seqs, 448))
+    opt = optax.adam(1e-2)
+    update = tl.make_update(cfg, opt, vf.NUM_USED)
+    state = opt.init(params)
+    losses = []
+    for _ in range(6):
+        params, state, loss = update(params, state, batch, False)
+        losses.append(float(loss))
+    assert losses[-1] < 0.7 * losses[0]
