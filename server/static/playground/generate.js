@@ -66,7 +66,8 @@ function side(size) { // "256x256" -> 256
   return Number.isFinite(n) && n > 0 ? n : null;
 }
 
-function stopped(view, err, bar) {
+/** The card when a generation ends early: "stopped" (the user), or the error as the server put it. */
+function showEnded(view, err, bar) {
   const aborted = err.name === 'AbortError';
   if (bar) bar.fail(aborted ? 'stopped' : 'failed');
   view.meta.replaceChildren(aborted ? h('span', { class: 'badge warn' }, 'stopped') : errorBlock(err));
@@ -115,7 +116,7 @@ export async function generateImage(api, prompt, s, mount, signal) {
       usage ? h('span', {}, `${fmtInt(usage.input_tokens)} prompt + ${fmtInt(usage.output_tokens)} image tokens`) : null);
     view.el.dataset.state = 'done';
   } catch (err) {
-    stopped(view, err);
+    showEnded(view, err);
   }
 }
 
@@ -156,7 +157,7 @@ export async function generateVideo(api, prompt, s, mount, signal) {
         .then(() => { view.el.dataset.deleted = 'true'; })
         .catch((e) => view.meta.append(errorBlock(e, 'Could not delete the job')));
     }
-    stopped(view, err, bar);
+    showEnded(view, err, bar);
   }
 }
 
