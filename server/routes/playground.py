@@ -5,7 +5,8 @@ the page is plain ES modules that talk to this server's own OpenAI-compatible
 API with relative URLs (so it also works behind a path-prefixing proxy). The
 page itself holds no secret and needs no key; the API calls it makes send the
 key the user types (`config.json` tells it whether one is needed, so the page
-asks before its first call instead of collecting a 401).
+asks before its first call instead of collecting a 401, and whether the model can
+draw, so generation controls show only where a request would not be refused).
 """
 
 from __future__ import annotations
@@ -32,10 +33,17 @@ async def playground_page() -> FileResponse:
 
 @router.get("/playground/config.json")
 async def playground_config(request: Request) -> JSONResponse:
-    """What the page needs before its first API call: whether to ask for a key."""
+    """What the page needs before its first API call: whether to ask for a key, and
+    which generation routes can answer (they are always mounted, but without a VQGAN
+    they refuse every request; `null` while the model is still loading)."""
     settings = request.app.state.settings
-    return JSONResponse({"auth_required": bool(settings.accepted_keys), "version": request.app.version},
-                        headers=_NO_CACHE)
+    services = getattr(request.app.state, "services", None)
+    generation = None
+    if services is not None:
+        can_draw = services.images.drawer.vqgan is not None
+        generation = {"image": can_draw, "video": can_draw}
+    return JSONResponse({"auth_required": bool(settings.accepted_keys), "version": request.app.version,
+                         "generation": generation}, headers=_NO_CACHE)
 
 
 def install_playground(app: FastAPI) -> None:

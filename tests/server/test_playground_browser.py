@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import colorsys
 import io
-import json
 import os
 import re
 import shutil
@@ -24,8 +23,6 @@ from typing import Any, Iterator
 import httpx
 import numpy as np
 import pytest
-from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
 
 from playwright import sync_api as playwright_api  # the test extra; never skipped
 from playwright.sync_api import expect
@@ -81,8 +78,13 @@ class Session:
         self.page.screenshot(path=str(path))
         export = os.environ.get("LWM_PLAYGROUND_SCREENSHOTS")
         if export and docs:
+            from PIL import Image
+
             Path(export).mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, Path(export) / f"{docs}.png")
+            # 256 colours: a third of the bytes in the repository, the same picture to the eye
+            # (a generated drawing is noise to PNG's filters)
+            Image.open(path).convert("RGB").quantize(256, dither=Image.Dither.NONE).save(
+                Path(export) / f"{docs}.png", optimize=True)
         return path
 
     def unexpected_errors(self) -> list[str]:
@@ -392,125 +394,167 @@ def test_phone_width_has_no_sideways_scroll_and_settings_open_from_the_header(se
     s.shot("phone", docs="playground-phone")
 
 
-def _partial_png(rows_done: int) -> str:
-    """A 256x256 picture whose first `rows_done` of 16 token rows are drawn, the rest blank."""
+def _watch_images(page) -> None:
+    """Records every picture a generated <img> shows: each `src` it had before a change
+    (several changes in one task come as several records), the current one read at the end."""
+    page.evaluate("""() => { window.__oldSrcs = [];
+      new MutationObserver((records) => { for (const r of records)
+          if (r.target.closest('.generated') && r.oldValue) window.__oldSrcs.push(r.oldValue); })
+      .observe(document.getElementById('thread'),
+               {subtree: true, attributes: true, attributeFilter: ['src'], attributeOldValue: true}); }""")
+
+
+def _shown_images(page) -> list[str]:
+    return page.evaluate("[...window.__oldSrcs, document.querySelector('.generated img').src]")
+
+
+def _png_of(src: str) -> np.ndarray:
     from PIL import Image
 
-    img = np.full((256, 256, 3), 255, np.uint8)
-    for r in range(rows_done):
-        for c in range(16):
-            img[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] = (r * 15, 120 + c * 8, 200 - r * 10)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+    head, b64 = src.split(",", 1)
+    assert head == "data:image/png;base64", head
+    img = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert img.format == "PNG"
+    return np.asarray(img.convert("RGB"))
 
 
-def _stand_in_image_route() -> APIRouter:
-    """A stand-in for the image generation route (not in the server yet): OpenAI's stream
-    events with partial images, so the page's generation controls can be exercised."""
-    router = APIRouter()
-
-    @router.post("/v1/images/generations")
-    async def generations(body: dict) -> StreamingResponse:
-        import asyncio
-
-        async def events() -> Any:
-            for i, rows in enumerate((4, 8, 12)[: body.get("partial_images", 0)]):
-                data = {"type": "image_generation.partial_image", "b64_json": _partial_png(rows),
-                        "partial_image_index": i, "output_format": "png"}
-                yield f"event: image_generation.partial_image\ndata: {json.dumps(data)}\n\n"
-                await asyncio.sleep(0.3)
-            data = {"type": "image_generation.completed", "b64_json": _partial_png(16), "output_format": "png"}
-            yield f"event: image_generation.completed\ndata: {json.dumps(data)}\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    return router
+def _watch_progress(page) -> None:
+    """Records each text the newest generation's progress bar shows."""
+    page.evaluate("""() => { window.__progress = [];
+      new MutationObserver(() => {
+        const label = [...document.querySelectorAll('.generated .progress .label')].pop();
+        const t = label && label.textContent;
+        if (t && window.__progress[window.__progress.length - 1] !== t) window.__progress.push(t); })
+      .observe(document.getElementById('thread'), {subtree: true, childList: true, characterData: true}); }""")
 
 
-def _stand_in_video_routes(mp4: bytes) -> APIRouter:
-    """A stand-in for the OpenAI video job protocol (not in the server yet): a job that
-    progresses 0 -> 50 -> 100 over two polls, then serves `mp4` as its content."""
-    router = APIRouter()
-    polls: dict[str, int] = {}
+def _draw_image(s: Session, server, auth_headers) -> None:
+    """An image prompt: the partial images, then the final one, which is the server's own
+    drawing for that seed (asked again directly)."""
+    from lwm_serve.tokenizers.vision_layout import CODES_PER_FRAME
 
-    def job(video_id: str) -> dict:
-        progress = min(polls[video_id] * 50, 100)
-        status = "completed" if progress == 100 else ("queued" if progress == 0 else "in_progress")
-        return {"id": video_id, "object": "video", "status": status, "progress": progress, "seconds": "4",
-                "size": "256x256", "model": "lwm", "created_at": 0}
-
-    @router.post("/v1/videos")
-    async def create(body: dict) -> dict:
-        polls["video_1"] = 0
-        return job("video_1")
-
-    @router.get("/v1/videos/{video_id}")
-    async def retrieve(video_id: str) -> dict:
-        polls[video_id] += 1
-        return job(video_id)
-
-    @router.get("/v1/videos/{video_id}/content")
-    async def content(video_id: str) -> Any:
-        from fastapi.responses import Response
-
-        return Response(mp4, media_type="video/mp4")
-
-    return router
-
-
-def _without_generation(srv):
-    """The app with its image/video generation routes taken out (as a server without them)."""
-    from lwm_serve.server.routes import images, videos
-
-    generation = (images.router, videos.router)
-    srv.app.router.routes[:] = [r for r in srv.app.router.routes
-                                if getattr(r, "original_router", None) not in generation
-                                and not str(getattr(r, "path", "")).startswith(("/v1/images", "/v1/videos"))]
-    srv.app.openapi_schema = None
-    return srv
-
-
-def test_without_a_key_and_with_generation_offered_the_page_draws(make_server, fixture_runtime, open_page, clip):
-    # The page is checked against stand-ins shaped after OpenAI's spec (the fixture model has
-    # no VQGAN to draw with): the real routes are taken out first.
-    srv = _without_generation(make_server(fixture_runtime, api_keys=[]))
-    srv.app.include_router(_stand_in_image_route())  # before the page reads /openapi.json
-    s = open_page(srv.base_url, key=None)  # no key asked
     page = s.page
-    expect(page.locator("#key-dialog")).to_be_hidden()
-    expect(page.locator("#mode-image")).to_be_visible()
-    expect(page.locator("#mode-video")).to_be_hidden()  # not offered: not shown
+    PACE["s"] = 0.015  # the partial images stay on screen a moment (a screenshot of one)
     page.check("input[value=image]")
-    page.evaluate("""() => { window.__srcs = new Set();
-      new MutationObserver(() => document.querySelectorAll('.generated img')
-        .forEach((i) => i.src && window.__srcs.add(i.src)))
-      .observe(document.getElementById('thread'), {subtree: true, childList: true, attributes: true}); }""")
-    _send(page, "a red cube on a table")
+    _watch_images(page)
+    with page.expect_request(lambda r: r.url.endswith("/v1/images/generations")) as sent:
+        _send(page, "a red cube on a table")
+    body = sent.value.post_data_json
+    assert body["stream"] is True and body["partial_images"] == 3 and body["seed"] == 11 and body["cfg_scale"] == 3
+    assert "temperature" not in body  # the chat's temperature is not the drawing's
+    assert sent.value.headers["authorization"] == f"Bearer {API_KEY}"
     card = page.locator(".msg.gen-image")
-    expect(card.locator(".meta")).to_contain_text("partial image 1")
-    s.shot("generate-partial")
+    expect(card.locator(".meta")).to_contain_text("partial image 2 of 3")
+    s.shot("generate-image-partial", docs="playground-image-partial")
     expect(card).to_have_attribute("data-state", "done")
-    assert page.evaluate("window.__srcs.size") == 4  # three partial images, then the final one
-    assert page.evaluate("document.querySelector('.generated img').naturalWidth") == 256
-    s.shot("generate-image")
-    # The server gains video generation: the same page, reloaded, offers it.
-    srv.app.include_router(_stand_in_video_routes(clip.read_bytes()))
-    srv.app.openapi_schema = None
-    page.reload()
-    expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    PACE["s"] = 0.0
+    meta = card.locator(".meta").inner_text()
+    assert "3 partial images" in meta and re.search(r"\d+ prompt \+ 257 image tokens", meta), meta
+    pictures = [_png_of(src) for src in _shown_images(page)]
+    assert len(pictures) == 4, "three partial images, then the final one"
+    final = pictures[-1]
+    side = int(np.sqrt(CODES_PER_FRAME))  # codes per row
+    row_px = final.shape[0] // side
+    for i, partial in enumerate(pictures[:3]):  # partial i: the first (i + 1) quarter of the code rows
+        assert partial.shape == final.shape == (256, 256, 3)
+        cut = (i + 1) * side // 4 * row_px
+        assert not partial[cut:].any(), f"partial {i}: rows below {cut} px should still be black"
+        assert partial[:cut].any()
+    assert page.evaluate("[...document.querySelectorAll('.generated img')].map((i) => [i.naturalWidth, i.naturalHeight])"
+                         ) == [[256, 256]]
+    direct = httpx.post(f"{server.base_url}/v1/images/generations", headers=auth_headers, timeout=300, json={
+        "prompt": "a red cube on a table", "seed": 11, "cfg_scale": 3})
+    assert direct.status_code == 200, direct.text
+    np.testing.assert_array_equal(final, _png_of("data:image/png;base64," + direct.json()["data"][0]["b64_json"]))
+
+
+LAST_VIDEO = "[...document.querySelectorAll('.generated video')].pop()"
+
+
+def _make_video(s: Session, server, auth_headers) -> None:
+    """A video job of 2 frames: queued, in progress with its percentage, the MP4 playing."""
+    from lwm_serve.server.handlers.frame_generation import VIDEO_FPS
+
+    page = s.page
     page.check("input[value=video]")
+    PACE["s"] = 0.005  # a frame takes at least 257 x 5 ms: a few polls see each percentage
+    _set(page, video_frames=2)
+    _watch_progress(page)
+    with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/v1/videos")) as sent:
+        _send(page, "a ball rolling")
+    body = sent.value.post_data_json
+    assert body["n_frames"] == 2 and body["seed"] == 11 and "seconds" not in body
+    assert body["cfg_scale_image"] == body["cfg_scale_video"] == 3
+    card = page.locator(".msg.gen-video").last
+    with page.expect_request(lambda r: r.url.endswith("/content")) as content:
+        expect(card).to_have_attribute("data-state", "done")
+    PACE["s"] = 0.0
+    assert content.value.headers["authorization"] == f"Bearer {API_KEY}"
+    progress = page.evaluate("window.__progress")
+    assert "queued · 0%" in progress and progress[-1] == "completed · 100%", progress
+    assert any(re.fullmatch(r"in progress · [1-9]\d?%", p) for p in progress), progress
+    page.wait_for_function(f"(() => {{ const v = {LAST_VIDEO}; return v && v.readyState >= 1 && v.duration > 0; }})()")
+    video = page.evaluate(f"(() => {{ const v = {LAST_VIDEO}; return [v.videoWidth, v.videoHeight, v.duration]; }})()")
+    assert video[:2] == [256, 256]
+    assert video[2] == pytest.approx(2 / VIDEO_FPS, abs=0.5 / VIDEO_FPS), video
+    video_id = card.get_attribute("data-video-id")
+    job = httpx.get(f"{server.base_url}/v1/videos/{video_id}", headers=auth_headers).json()
+    assert job["status"] == "completed" and job["size"] == "256x256"
+    assert job["seconds"] in card.locator(".meta").inner_text()
+
+
+def test_draw_an_image_then_a_video(server, open_page, auth_headers):
+    """The real generation routes behind the API key, on the fixture model's VQGAN."""
+    s = open_page(server.base_url)
+    page = s.page
+    expect(page.locator("#modes")).to_be_visible()
+    _set(page, seed=11, cfg_scale=3, temperature=0.7)
+    _draw_image(s, server, auth_headers)
+    s.shot("generate-image")
+    _make_video(s, server, auth_headers)
+    page.evaluate(f"{LAST_VIDEO}.pause()")  # a still for the picture
+    s.shot("generate-video", docs="playground-generate")
+
+
+def test_a_refused_video_shows_why_and_stop_deletes_a_running_one(server, open_page, auth_headers):
+    s = open_page(server.base_url)
+    page = s.page
+    s.allowed.append(r"status of 400")  # the refused job
+    page.check("input[value=video]")
+    _set(page, video_frames=40)
     _send(page, "a ball rolling")
-    card = page.locator(".msg.gen-video")
-    expect(card.locator(".progress")).to_contain_text("50%")
-    expect(card).to_have_attribute("data-state", "done")
-    page.wait_for_function("document.querySelector('.generated video').videoWidth > 0")
-    assert page.evaluate("document.querySelector('.generated video').videoWidth") == CLIP_SIZE[0]
-    s.shot("generate-video")
+    refused = page.locator(".msg.gen-video")
+    expect(refused).to_have_attribute("data-state", "error")
+    direct = httpx.post(f"{server.base_url}/v1/videos", headers=auth_headers, json={
+        "prompt": "a ball rolling", "n_frames": 40})
+    assert direct.status_code == 400
+    assert direct.json()["error"]["message"] in refused.locator(".error").inner_text()
+    s.shot("video-refused")
+    PACE["s"] = 0.05  # 514 steps would take 26 s: only the stop can end it early
+    _set(page, video_frames=2)
+    aborted = _metric(server.base_url, 'lwm:requests_total{status="aborted"}')
+    _send(page, "a long slow pan")
+    card = page.locator(".msg.gen-video").last
+    expect(card.locator(".progress")).to_contain_text("in progress")
+    video_id = card.get_attribute("data-video-id")
+    page.click("#stop")
+    expect(card).to_have_attribute("data-state", "stopped")
+    s.shot("video-stopped")
+    expect(card).to_have_attribute("data-deleted", "true")  # DELETE answers once the job's task is cancelled
+    deadline = time.monotonic() + 60  # the worker counts the abort at its next step
+    while _metric(server.base_url, 'lwm:requests_total{status="aborted"}') <= aborted and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metric(server.base_url, 'lwm:requests_total{status="aborted"}') == aborted + 1  # not drawn for nobody
+    PACE["s"] = 0.0
+    assert httpx.get(f"{server.base_url}/v1/videos/{video_id}", headers=auth_headers).status_code == 404
+    expect(page.locator("#send")).to_be_visible()
 
 
-def test_generation_controls_stay_hidden_when_the_server_has_none(make_server, fixture_runtime, open_page):
-    server = _without_generation(make_server(fixture_runtime, api_keys=[]))
-    s = open_page(server.base_url, key=None)
+def test_generation_controls_stay_hidden_when_the_model_cannot_draw(make_server, fixture_runtime, open_page):
+    # The routes are there (they would answer 400: no VQGAN), so the page asks the server.
+    server = make_server(fixture_runtime, api_keys=[])
+    assert httpx.get(f"{server.base_url}/openapi.json").json()["paths"]["/v1/images/generations"]
+    s = open_page(server.base_url, key=None)  # no key asked
+    expect(s.page.locator("#key-dialog")).to_be_hidden()
     expect(s.page.locator("#modes")).to_be_hidden()
     expect(s.page.locator("#gen-settings")).to_be_hidden()

@@ -53,9 +53,17 @@ def test_the_page_and_every_asset_it_loads_are_served_without_a_key(live, path):
         assert not re.search(r"https?://|//[a-z0-9-]+\.[a-z]", re.sub(r'xmlns="[^"]*"', "", p.read_text())), p.name
 
 
-def test_config_tells_the_page_whether_to_ask_for_a_key(live, vision_server):
-    for srv in (live, vision_server):
-        assert httpx.get(f"{srv.base_url}/playground/config.json").json()["auth_required"] is True
+def test_config_tells_the_page_whether_to_ask_for_a_key_and_whether_the_model_draws(live, vision_server,
+                                                                                    auth_headers):
+    for srv, draws in ((live, False), (vision_server, True)):
+        config = httpx.get(f"{srv.base_url}/playground/config.json").json()
+        assert config["auth_required"] is True
+        assert config["generation"] == {"image": draws, "video": draws}
+        # What it says is what the route does: a model without a VQGAN refuses to draw.
+        refused = httpx.post(f"{srv.base_url}/v1/images/generations", headers=auth_headers,
+                             json={"prompt": "a cat", "size": "bogus"})
+        assert refused.status_code == 400
+        assert ("no VQGAN" in refused.json()["error"]["message"]) is not draws
     assert httpx.get(f"{srv.base_url}/v1/models").status_code == 401  # the API itself stays guarded
 
 

@@ -7,7 +7,8 @@ import { Attachment, samplingFrom } from './media.js';
 import { errorBlock } from './ui.js';
 
 const $ = (id) => document.getElementById(id);
-const NUMBERS = ['temperature', 'top_p', 'top_k', 'max_tokens', 'seed', 'fps', 'max_frames', 'cfg_scale'];
+const NUMBERS = ['temperature', 'top_p', 'top_k', 'max_tokens', 'seed', 'fps', 'max_frames',
+  'cfg_scale', 'gen_temperature', 'gen_top_k', 'video_frames'];
 
 const api = new Api();
 const thread = new Thread($('thread'), api, readSettings);
@@ -84,7 +85,7 @@ async function connect() {
   }
   setStatus('ready', 'ok');
   $('banner').hidden = true;
-  const gen = await detectGeneration();
+  const gen = await detectGeneration(api);
   $('mode-image').hidden = !gen.image;
   $('mode-video').hidden = !gen.video;
   $('modes').hidden = !(gen.image || gen.video);
