@@ -33,11 +33,12 @@ TRANSFORMS = {"off-centre": off_centre}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)  # an abbreviation could swallow a server flag
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="base URL of a running server (e.g. http://127.0.0.1:8000)")
     where.add_argument("--serve", metavar="MODEL", help="start a server here on this --model spec (e.g. demo)")
-    ap.add_argument("--api-key", default=None, help="bearer key of the server at --url")
+    ap.add_argument("--api-key", default=None, help="bearer key (with --serve, the started server requires it)")
     ap.add_argument("--videos", type=int, default=20)
     ap.add_argument("--images", type=int, default=20)
     ap.add_argument("--generations", type=int, default=10, help="image-generation prompts")
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     server_flags = [f for f in server_flags if f != "--"]
     if server_flags and not args.serve:
         ap.error(f"unrecognized arguments: {' '.join(server_flags)} (server flags go with --serve)")
+    if args.serve and args.api_key:
+        server_flags += ["--api-key", args.api_key]  # the server started here asks for the same key
     logging.basicConfig(level=logging.WARNING)
     with contextlib.ExitStack() as stack:
         base = args.url or stack.enter_context(running_server(args.serve, server_flags))

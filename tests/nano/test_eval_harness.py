@@ -102,6 +102,15 @@ def test_a_wrong_key_is_a_clear_error(server: str) -> None:
         ev.evaluate(server, api_key="not-the-key", videos=1, images=0, generations=0)
 
 
+def test_server_flags_are_parsed_as_lwm_serve_parses_them() -> None:
+    from lwm_serve.nano.local_server import settings_from_flags
+
+    settings = settings_from_flags("demo", ["--frame-layout", "vision_chat", "--max-num-seqs", "3", "--port", "9"])
+    assert (settings.model, settings.frame_layout, settings.max_num_seqs) == ("demo", "vision_chat", 3)
+    with pytest.raises(SystemExit):
+        settings_from_flags("demo", ["--frame-layout", "sideways"])
+
+
 def test_seeds_stay_held_out_and_paths_are_checked() -> None:
     assert min(ev.held_out_seeds(5)) == world.HELD_OUT_SEED_BASE
     with pytest.raises(ValueError, match="offset"):
