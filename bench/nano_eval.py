@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     server_flags = [f for f in server_flags if f != "--"]
     if server_flags and not args.serve:
         ap.error(f"unrecognized arguments: {' '.join(server_flags)} (server flags go with --serve)")
+    served_here = " ".join([args.serve, *server_flags]) if args.serve else None  # (the key is not shown)
     if args.serve and args.api_key:
         server_flags += ["--api-key", args.api_key]  # the server started here asks for the same key
     logging.basicConfig(level=logging.WARNING)
@@ -65,7 +66,13 @@ def main(argv: list[str] | None = None) -> int:
                           frame_transform=TRANSFORMS.get(args.frame_transform or ""),
                           max_tokens=args.max_tokens, concurrency=args.concurrency)
     summary = report.summary()
-    print(json.dumps(summary) if args.json else format_summary(summary))
+    summary["served_here"] = served_here
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        if args.serve:
+            print(f"server started here: --model {summary['served_here']}")
+        print(format_summary(summary))
     return 1 if summary["errors"] else 0
 
 
