@@ -31,7 +31,7 @@ from lwm_serve.nano.world import COLORS
 
 DARK = 96  # brightest channel at or below this: background
 MIN_AREA_FRACTION = 0.004  # ~ a 16x16 blob in 256x256: smaller is a speck, not an object
-SINGLE_BLOB_SHARE = 0.85  # `classify`: the largest blob holds this share of the foreground
+SINGLE_BLOB_SHARE = 0.85  # `classify`: the largest blob holds this share of the objects' pixels
 MAX_COLOR_DISTANCE = 110.0  # RGB distance from the blob's median to its palette colour
 MIN_COLOR_AGREEMENT = 0.7  # share of the blob's pixels whose nearest palette colour is the blob's
 MAX_ASPECT = 1.3  # the world's boxes are square: a much longer box is no world object
@@ -135,7 +135,9 @@ def classify(image: np.ndarray | bytes) -> ObjectGuess | None:
     if not blobs:
         return None
     index, sl, area = blobs[0]
-    total = sum(b[2] for b in blobs)
-    if area < MIN_AREA_FRACTION * rgb.shape[0] * rgb.shape[1] or area < SINGLE_BLOB_SHARE * total:
+    min_area = MIN_AREA_FRACTION * rgb.shape[0] * rgb.shape[1]
+    # Specks (a decoder's stray bright pixels) do not count against the single object.
+    total = sum(b[2] for b in blobs if b[2] >= min_area)
+    if area < min_area or area < SINGLE_BLOB_SHARE * total:
         return None
     return _guess(rgb, labels, index, sl)

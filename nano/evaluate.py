@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import functools
 import itertools
 import logging
 import time
@@ -97,11 +98,19 @@ def _transformed(frames: np.ndarray, transform: FrameTransform) -> np.ndarray:
     return out
 
 
-def off_centre(frames: np.ndarray) -> np.ndarray:
-    """A wrong crop: the frames on the left of a black canvas twice as wide. The server resizes
-    the shorter side and crops the centre, so it sees the right half of the scene and black."""
+def off_centre(frames: np.ndarray, visible: float = 0.5) -> np.ndarray:
+    """A wrong crop: square frames on the left of a wider black canvas, so that the server's
+    centre crop (resize the shorter side, keep the middle square) sees only the right
+    `visible` share of the scene (0.5: its right half, then black; 0: black only).
+
+    `functools.partial(off_centre, visible=0.25)` makes another `frame_transform`.
+    """
     t, h, w, c = frames.shape
-    canvas = np.zeros((t, h, 2 * w, c), np.uint8)
+    if h != w or not 0.0 <= visible <= 1.0:
+        raise ValueError(f"off_centre wants square frames and 0 <= visible <= 1, got {h}x{w}, {visible}")
+    # The crop keeps canvas columns [(W - h) / 2, (W + h) / 2); the frame fills [0, w).
+    width = round(w * (3 - 2 * visible))
+    canvas = np.zeros((t, h, width + width % 2, c), np.uint8)  # even: the codec wants even sides
     canvas[:, :, :w] = frames
     return canvas
 
@@ -123,7 +132,7 @@ class _Client:
             for attempt in range(RETRIES + 1):
                 r = await self.http.post(url, **kwargs)
                 if r.status_code in (429, 503) and attempt < RETRIES:
-                    await asyncio.sleep(float(r.headers.get("retry-after", "1") or 1))
+                    await asyncio.sleep(_retry_after(r))
                     continue
                 if r.status_code != 200:
                     raise RuntimeError(f"{url} answered {r.status_code}: {_error_message(r)}")
@@ -149,6 +158,13 @@ class _Client:
         body = {"model": self.model, "prompt": prompt, "n": 1, "response_format": "b64_json", "seed": seed}
         out = await self._post("/v1/images/generations", json=body)
         return base64.b64decode(out["data"][0]["b64_json"])
+
+
+def _retry_after(r: httpx.Response) -> float:
+    try:
+        return min(max(float(r.headers.get("retry-after", "1")), 0.1), 30.0)
+    except ValueError:  # an HTTP date: not worth parsing for a local evaluation
+        return 1.0
 
 
 def _error_message(r: httpx.Response) -> str:
@@ -189,12 +205,15 @@ async def evaluate_async(base_url: str, *, api_key: str | None = None, videos: i
     unknown = set(paths) - set(PATHS)
     if unknown:
         raise ValueError(f"unknown paths {sorted(unknown)}; choose from {', '.join(PATHS)}")
+    for name, count in (("videos", videos), ("images", images), ("generations", generations)):
+        if count < 0:
+            raise ValueError(f"{name} must be >= 0, got {count}")
     t0 = time.perf_counter()
+    video_seeds = held_out_seeds(videos if {"chat-video", "multipart"} & set(paths) else 0, offset)
+    image_seeds = held_out_seeds(images if "chat-image" in paths else 0, offset)
     with ThreadPoolExecutor(max_workers=4) as pool:  # x264 and PNG encoders release the GIL
-        vids = list(pool.map(lambda s: make_medium("video", s, reverse, frame_transform),
-                             held_out_seeds(videos, offset)))
-        imgs = list(pool.map(lambda s: make_medium("image", s, False, frame_transform),
-                             held_out_seeds(images, offset)))
+        vids = list(pool.map(lambda s: make_medium("video", s, reverse, frame_transform), video_seeds))
+        imgs = list(pool.map(lambda s: make_medium("image", s, False, frame_transform), image_seeds))
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency + 2)
     async with httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s,
@@ -212,23 +231,45 @@ async def evaluate_async(base_url: str, *, api_key: str | None = None, videos: i
         results = await asyncio.gather(*asks, *draws)
     answers = [a for a in results if isinstance(a, Answer)]
     drawings = [d for d in results if isinstance(d, Drawing)]
-    settings = {"base_url": base_url, "videos": videos, "images": images, "generations": generations,
+    settings = {"base_url": base_url, "videos": len(vids), "images": len(imgs), "generations": generations,
                 "offset": offset, "paths": list(paths), "reverse": reverse,
-                "frame_transform": getattr(frame_transform, "__name__", None) if frame_transform else None,
+                "frame_transform": _name(frame_transform),
                 "max_tokens": max_tokens, "concurrency": concurrency}
     return EvalReport(model, answers, drawings, settings, time.perf_counter() - t0)
 
 
-def evaluate(base_url: str, **kwargs: Any) -> EvalReport:
+def _name(transform: FrameTransform | None) -> str | None:
+    if transform is None:
+        return None
+    if isinstance(transform, functools.partial):
+        args = ", ".join([*map(repr, transform.args), *(f"{k}={v!r}" for k, v in transform.keywords.items())])
+        return f"{_name(transform.func)}({args})"
+    return getattr(transform, "__name__", None) or repr(transform)
+
+
+def evaluate(base_url: str, *, api_key: str | None = None, videos: int = 20, images: int = 20,
+             generations: int = 10, offset: int = 0, paths: Sequence[str] = PATHS, reverse: bool = False,
+             frame_transform: FrameTransform | None = None, max_tokens: int = 16, concurrency: int = 16,
+             timeout_s: float = 600.0) -> EvalReport:
     """Asks every applicable question about held-out videos and images through the server at
     `base_url` and draws `generations` images; returns the graded `EvalReport`.
 
-    Keyword args (all optional): api_key, videos (20), images (20), generations (10),
-    offset (0: first held-out seed), paths (all of PATHS), reverse (False),
-    frame_transform (None), max_tokens (16), concurrency (16), timeout_s (600).
+    Args:
+        base_url: e.g. http://127.0.0.1:8000 (the first model of /v1/models is asked).
+        api_key: bearer key, when the server wants one.
+        videos, images: how many held-out scenes of each kind (seeds from
+            HELD_OUT_SEED_BASE + offset); generations: image-generation prompts.
+        paths: which of PATHS to ask on (videos go to chat-video and multipart, images to chat-image).
+        reverse: send the videos backwards (truths stay the forward ones).
+        frame_transform: applied to uint8 frames [T, H, W, 3] before encoding (e.g. `off_centre`).
+        max_tokens: new tokens per answer (greedy).
+        concurrency: requests in flight at once.
 
     Raises:
-        ValueError: a negative offset, an unknown path, a frame_transform returning a wrong array.
-        RuntimeError / httpx.HTTPError: the server cannot be reached or lists no model.
+        ValueError: a negative offset or count, an unknown path, a frame_transform returning a wrong array.
+        RuntimeError / httpx.HTTPError: the server cannot be reached, refuses the key, or lists no model.
     """
-    return asyncio.run(evaluate_async(base_url, **kwargs))
+    return asyncio.run(evaluate_async(base_url, api_key=api_key, videos=videos, images=images,
+                                      generations=generations, offset=offset, paths=paths, reverse=reverse,
+                                      frame_transform=frame_transform, max_tokens=max_tokens,
+                                      concurrency=concurrency, timeout_s=timeout_s))

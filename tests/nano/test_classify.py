@@ -76,6 +76,16 @@ def test_images_survive_png_and_classify_reads_bytes() -> None:
     assert right / len(seeds) >= 0.98
 
 
+def test_stray_bright_specks_do_not_hide_the_object() -> None:
+    obj = world.WorldObject("circle", "green", 72, 100, 60, "still", 0)
+    frame = world.render((obj,)).copy()
+    rng = np.random.default_rng(1)
+    ys, xs = rng.integers(0, 256, 2000), rng.integers(0, 256, 2000)  # ~3% of the pixels
+    frame[ys, xs] = rng.integers(100, 256, (2000, 3))
+    guess = classify.classify(frame)
+    assert guess is not None and (guess.color, guess.shape) == ("green", "circle")
+
+
 def test_lossy_jpeg_still_reads_the_colour_and_shape() -> None:
     obj = world.WorldObject("triangle", "yellow", 80, 90, 100, "still", 0)
     guess = classify.classify(encode_image(world.render((obj,)), "jpeg", 60))

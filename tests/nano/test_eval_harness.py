@@ -4,6 +4,7 @@ CLI, and the media the sensitivity options send."""
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -117,6 +118,8 @@ def test_seeds_stay_held_out_and_paths_are_checked() -> None:
         ev.held_out_seeds(1, -1)
     with pytest.raises(ValueError, match="unknown paths"):
         ev.evaluate("http://127.0.0.1:9", paths=["chat-audio"])
+    with pytest.raises(ValueError, match="videos must be >= 0"):
+        ev.evaluate("http://127.0.0.1:9", videos=-1)
 
 
 def test_reversed_videos_play_backwards_and_keep_the_forward_truth() -> None:
@@ -144,6 +147,10 @@ def test_off_centre_makes_the_server_crop_miss_the_left_half() -> None:
     seen = np.round((preprocess_frame(frame) + 1) * 127.5).astype(np.uint8)  # what the VQGAN gets
     np.testing.assert_array_equal(seen[:, : world.FRAME // 2], original[:, world.FRAME // 2:])
     assert not seen[:, world.FRAME // 2:].any()
+    # visible=0: the crop sees black only
+    (_, frame), = decode_media(ev.make_medium("image", seed, frame_transform=functools.partial(
+        ev.off_centre, visible=0.0)).data)
+    assert preprocess_frame(frame).max() == -1.0
     with pytest.raises(ValueError, match="frame_transform"):
         ev.make_medium("video", seed, frame_transform=lambda f: f[0])
 
