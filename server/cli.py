@@ -1,9 +1,10 @@
-"""`lwm-serve`: serve (default) | generate | plan.
+"""`lwm-serve`: serve (default) | generate | plan | train-nano.
 
     lwm-serve                                   # serve the embedded demo model on 127.0.0.1:8000
     lwm-serve serve --model params::/ckpt/params --model-config config.json --tokenizer tok/
     lwm-serve generate "What is a world model?" --max-tokens 32
     lwm-serve plan ...                          # memory planner (model/planner.py)
+    lwm-serve train-nano --out lwm-nano         # reproduce LWM-Nano's weights (nano/train.py)
 
 Every serve/generate flag is also an environment variable: `--max-model-len` is
 `LWM_SERVE_MAX_MODEL_LEN`, `--api-key` is `LWM_SERVE_API_KEYS` (comma-separated)
@@ -25,7 +26,7 @@ from pydantic import ValidationError
 
 logger = logging.getLogger(__name__)
 
-COMMANDS = ("serve", "generate", "plan")
+COMMANDS = ("serve", "generate", "plan", "train-nano")
 PROG = "lwm-serve"
 
 def _optional(kind: type) -> Any:
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="OpenAI-compatible server for the Large World Model (LWM). "
         "Without a command, runs `serve`.", formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{serve,generate,plan}")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,generate,plan,train-nano}")
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible API (default)")
     _add_flags(serve, _FLAGS + _SERVE_FLAGS)
     _add_flags(serve.add_argument_group("images and video"), _MEDIA_FLAGS)
@@ -122,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     gen.add_argument("--raw", action="store_true", help="complete the raw prompt instead of a chat turn")
     sub.add_parser("plan", help="memory planner: does a model fit a mesh? (see `lwm-serve plan --help`)",
+                   add_help=False)
+    sub.add_parser("train-nano", help="train LWM-Nano from nothing (see `lwm-serve train-nano --help`)",
                    add_help=False)
     return parser
 
@@ -321,6 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args_list = ["serve", *args_list]
     if args_list[0] == "plan":
         return plan(args_list[1:])
+    if args_list[0] == "train-nano":
+        from lwm_serve.nano import train as nano_train
+
+        return nano_train.main(args_list[1:])
     parser = build_parser()
     args = parser.parse_args(args_list)
     gen_only = ("prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "raw")

@@ -6,6 +6,8 @@
   trained on text shipped in the repo and a tiny VQGAN, built on first use and
   cached on disk, then loaded through the same checkpoint readers as a real
   model. It runs offline; its words are not meaningful.
+* a model directory in the demo's layout (``params``, ``config.json``,
+  ``tokenizer/``, optional ``vqgan/``), e.g. what ``lwm-serve train-nano`` writes.
 * ``params::PATH`` or a params file: an LWM JAX checkpoint (LWM-Chat / LWM-Text
   JAX releases), with its config from ``model_config`` (a reference config
   JSON or a preset name such as ``7b-1m``) or a ``config.json`` beside it.
@@ -105,6 +107,14 @@ def ensure_demo(root: Path | None = None) -> Path:
     return out
 
 
+def bundle_dir(model: str) -> Path | None:
+    """`model` as a directory in the demo's layout (params + config.json + tokenizer/), else None."""
+    path = Path(model)
+    if path.is_dir() and (path / "params").is_file() and (path / "config.json").is_file():
+        return path
+    return None
+
+
 def resolve_model_config(model: str, config_spec: str | None) -> ModelConfig:
     """A preset name, a reference config JSON, a HF config.json, or one found beside the weights."""
     if config_spec:
@@ -191,12 +201,13 @@ def load_runtime(model: str = DEMO, *, model_config_spec: str | None = None,
                               device_memory=device_memory)
     if load_format != "auto":
         raise LoadError(f"unknown load format {load_format!r} (auto, dummy)")
-    if model == DEMO:
-        root = ensure_demo()
-        weights, model_config_spec = str(root / "params"), str(root / "config.json")
+    root = ensure_demo() if model == DEMO else bundle_dir(model)
+    if root is not None:
+        weights, model_config_spec = str(root / "params"), model_config_spec or str(root / "config.json")
         tokenizer = tokenizer or str(root / "tokenizer")
-        vqgan = vqgan or str(root / "vqgan" / "vqgan_params.pkl")
-        name = name or "lwm-demo"
+        if vqgan is None and (root / "vqgan" / "vqgan_params.pkl").is_file():
+            vqgan = str(root / "vqgan" / "vqgan_params.pkl")
+        name = name or ("lwm-demo" if model == DEMO else root.resolve().name)
     else:
         weights = model
     if not Path(checkpoint.parse_spec(weights)).exists():
