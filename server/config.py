@@ -92,7 +92,9 @@ class ServerSettings(BaseSettings):
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute/parameter dtype")
     mesh: str = Field("1,1,1,1", description="device mesh dp,fsdp,tp,sp (one axis may be -1)")
     max_model_len: int | None = Field(None, ge=1, description="longest prompt + completion (default: the model's)")
-    prefill_chunk: int = Field(2048, ge=1, description="longest prompt piece prefilled in one step")
+    prefill_chunk: int | None = Field(None, ge=1, description=(
+        "longest prompt piece prefilled in one step; default: the smallest chunk that fills the "
+        "matmuls on this mesh (model.chunking.choose_prefill_chunk: 512 tokens per sequence shard)"))
     load_format: Literal["auto", "dummy"] = Field("auto", description=(
         "'auto': read the weights of --model; 'dummy': random weights of the --model-config preset "
         "(benchmarks and capacity tests; vLLM's name), served with the demo tokenizer"))
