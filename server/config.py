@@ -138,6 +138,9 @@ class ServerSettings(BaseSettings):
     prefix_cache_bytes: int = Field(1 << 30, ge=0, description=(
         "bytes of finished prompt prefills kept for reuse by prompts with the same start "
         "(multi-turn chats, follow-up questions on a video); 0 disables"))
+    max_sessions: int = Field(16, ge=0, le=4096, description=(
+        "most `session` names keeping prompt prefills pinned in the prefix cache at once (a request "
+        "naming a new one beyond gets 429 until DELETE /v1/sessions/{session} releases one)"))
     request_timeout_s: float | None = Field(None, gt=0, le=7 * 24 * 3600, description=(
         "a request still running after this many seconds fails with 504; unset: no limit"))
     warmup: bool = Field(True, description="compile with one tiny generation before /ready says yes")
