@@ -41,7 +41,8 @@ from lwm_serve.model import config as model_config  # noqa: E402
 from lwm_serve.model.generation import Generator, PromptRow, seed_key  # noqa: E402
 from lwm_serve.model.params import init_params  # noqa: E402
 from lwm_serve.model.sampling import SamplingParams  # noqa: E402
-from lwm_serve.model.steps import bucket_length  # noqa: E402
+from lwm_serve.model.runner import TAIL_MIN_BUCKET  # noqa: E402
+from lwm_serve.model.steps import MIN_BUCKET, bucket_length  # noqa: E402
 
 
 def weight_bytes_per_step(cfg, itemsize: int) -> int:
@@ -71,6 +72,18 @@ def decode_flops(cfg, slots: int, batch: int) -> float:
     h, m, kv = cfg.hidden_size, cfg.intermediate_size, cfg.kv_heads * cfg.head_dim
     per_token = 2 * cfg.num_hidden_layers * (2 * h * h + 2 * h * kv + 3 * h * m) + 2 * h * cfg.vocab_size
     return batch * (per_token + 2 * 2 * cfg.num_hidden_layers * h * slots)
+
+
+def prefilled_tokens(n: int, chunk: int) -> int:
+    """Tokens the slot pool's chunk plan runs for a fresh n-token prompt (model/runner.py
+    `SlotPool._plan`): whole chunks, then one bucketed tail (the padding or overlap)."""
+    done = total = 0
+    while n - done >= chunk:
+        done += chunk
+        total += chunk
+    if done < n:
+        total += min(bucket_length(n - done, minimum=TAIL_MIN_BUCKET if done else MIN_BUCKET), chunk)
+    return total
 
 
 def run_one(gen: Generator, prompt_len: int, batch: int, new_tokens: int,
@@ -193,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device {roofline.device_description()}: memory bandwidth {bandwidth / 1e9:.1f} GB/s, "
           + ", ".join(f"matmul {d} {peaks[d] / 1e9:.0f} GFLOP/s wall, {cpu_peaks[d] / 1e9:.0f} per CPU-second"
                       for d in args.dtypes))
+    print("one code path: `Generator` (the one-request library API) runs on the engine's steps "
+          "(model/runner.SlotPool over model/steps: one-row prefills, then batched decode_rows), so "
+          "'new steps vs Generator' is one measurement; batch 1 is the one-row step")
     header = (f"{'model':<11}{'dtype':<9}{'batch':>5}{'prompt':>7}{'chunk':>6} | {'TTFT s':>8}{'prefill tok/s':>14}"
               f"{'roof':>8}{'wall':>6}{'cpu':>6} | {'decode tok/s':>13}{'roof':>8}{'ratio':>6}")
     print(header)
@@ -209,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
             runs = [(1, p) for p in prompts] + [(args.batch, 512)]
             for batch, prompt in runs:
                 ttft, cpu_s, rate, cpu_rate = run_one(gen, prompt, batch, args.new_tokens, args.repeats)
-                padded = gen._prompt_bucket(prompt)  # noqa: SLF001 (what the generator prefills)
+                padded = prefilled_tokens(prompt, chunk)
                 flops = batch * prefill_flops(cfg, padded)
                 prefill_rate = batch * prompt / ttft
                 prefill_roof = batch * prompt / (flops / peaks[dtype])
@@ -227,6 +243,15 @@ def main(argv: list[str] | None = None) -> None:
                       f"{prefill_rate:>14.0f}{prefill_roof:>8.0f}{wall_share:>6.2f}{cpu_share:>6.2f} | "
                       f"{rate:>13.1f}{decode_roof:>8.1f}{rate / decode_roof:>6.2f}")
                 sys.stdout.flush()
+            one = next(r for r in results[::-1] if r["model"] == preset and r["dtype"] == dtype
+                       and r["batch"] == 1 and r["prompt"] == 512)
+            many = results[-1]
+            if one["decode_tok_s"] and many["batch"] > 1:
+                print(f"{preset} {dtype}: decode batch {many['batch']} / batch 1 at prompt 512 = "
+                      f"{many['decode_tok_s'] / one['decode_tok_s']:.2f}x wall, "
+                      f"{many['decode_tok_per_cpu_s'] / one['decode_tok_per_cpu_s']:.2f}x per CPU-second; "
+                      f"the memory roof allows {many['decode_roof_tok_s'] / one['decode_roof_tok_s']:.2f}x "
+                      "(the KV cache read grows with the batch)")
             del gen, params
     record = dict(bench="generate", device=roofline.device_description(), git=roofline.git_sha(),
                   memory_bandwidth_Bps=bandwidth, memory_bandwidth_Bps_per_cpu_s=cpu_bandwidth,

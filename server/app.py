@@ -20,7 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from lwm_serve.server.config import ServerSettings
 from lwm_serve.server.errors import install_error_handlers
 from lwm_serve.server.metrics import MetricsMiddleware, ServerMetrics
-from lwm_serve.server.routes import chat, completions, files, health, images, models, video, videos
+from lwm_serve.server.routes import chat, completions, files, health, images, models, sessions, video, videos
 from lwm_serve.server.routes.playground import install_playground
 from lwm_serve.server.schemas.chat import ChatCompletionRequest, ChatMessage
 from lwm_serve.server.services import RuntimeLike, Services, build_services
@@ -91,7 +91,7 @@ def build_app(settings: ServerSettings, runtime: RuntimeLike | None = None) -> F
     app.state.ready = False
     app.state.metrics = ServerMetrics(app.state)
     for router in (health.router, models.router, chat.router, completions.router, files.router,
-                   video.router, images.router, videos.router):
+                   video.router, images.router, videos.router, sessions.router):
         app.include_router(router)
     if settings.playground:
         install_playground(app)

@@ -92,7 +92,9 @@ class ServerSettings(BaseSettings):
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute/parameter dtype")
     mesh: str = Field("1,1,1,1", description="device mesh dp,fsdp,tp,sp (one axis may be -1)")
     max_model_len: int | None = Field(None, ge=1, description="longest prompt + completion (default: the model's)")
-    prefill_chunk: int = Field(2048, ge=1, description="longest prompt piece prefilled in one step")
+    prefill_chunk: int | None = Field(None, ge=1, description=(
+        "longest prompt piece prefilled in one step; default: the smallest chunk that fills the "
+        "matmuls on this mesh (model.chunking.choose_prefill_chunk: 512 tokens per sequence shard)"))
     load_format: Literal["auto", "dummy"] = Field("auto", description=(
         "'auto': read the weights of --model; 'dummy': random weights of the --model-config preset "
         "(benchmarks and capacity tests; vLLM's name), served with the demo tokenizer"))
@@ -136,6 +138,9 @@ class ServerSettings(BaseSettings):
     prefix_cache_bytes: int = Field(1 << 30, ge=0, description=(
         "bytes of finished prompt prefills kept for reuse by prompts with the same start "
         "(multi-turn chats, follow-up questions on a video); 0 disables"))
+    max_sessions: int = Field(16, ge=0, le=4096, description=(
+        "most `session` names keeping prompt prefills pinned in the prefix cache at once (a request "
+        "naming a new one beyond gets 429 until DELETE /v1/sessions/{session} releases one)"))
     request_timeout_s: float | None = Field(None, gt=0, le=7 * 24 * 3600, description=(
         "a request still running after this many seconds fails with 504; unset: no limit"))
     warmup: bool = Field(True, description="compile with one tiny generation before /ready says yes")

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from lwm_serve.model.generation import ContextLengthError
+from lwm_serve.server.engine.request import SessionLimitError
 from lwm_serve.server.engine.scheduler import QueueFullError, SchedulerClosedError
 from lwm_serve.server.schemas.common import ErrorInfo, ErrorResponse
 
@@ -82,6 +83,11 @@ class AuthenticationError(APIError):
     status, type, default_code = 401, "invalid_request_error", "invalid_api_key"
 
 
+class TooManySessionsError(APIError):
+    """Every allowed session name is in use (pins are bounded): release one first."""
+    status, type, default_code = 429, "invalid_request_error", "too_many_sessions"
+
+
 class ServiceUnavailableError(APIError):
     status, type, default_code = 503, "server_error", "service_unavailable"
 
@@ -95,7 +101,7 @@ def _domain_error_types() -> tuple[type[Exception], ...]:
     from lwm_serve.tokenizers.vision_layout import VisionLayoutError
 
     return (ContextLengthError, QueueFullError, SchedulerClosedError, TemplateError, TokenizerError, MediaError, FileStoreError,
-            VisionLayoutError)
+            VisionLayoutError, SessionLimitError)
 
 
 def _media_or_file_error(exc: BaseException, param: str | None) -> APIError | None:
@@ -138,6 +144,8 @@ def to_api_error(exc: BaseException, *, param: str | None = None) -> APIError:
     if isinstance(exc, QueueFullError):
         return ServiceUnavailableError(str(exc), code="queue_full",
                                        headers={"Retry-After": str(exc.retry_after_s)})
+    if isinstance(exc, SessionLimitError):
+        return TooManySessionsError(str(exc), param=param or "session")
     if isinstance(exc, SchedulerClosedError):  # draining, or the engine (a multi-host process) is gone
         return ServiceUnavailableError(str(exc), headers={"Retry-After": "5"})
     mapped = _media_or_file_error(exc, param)

@@ -165,6 +165,22 @@ def _check_capacity(cfg: ModelConfig, mesh: Any, dtype: str, context: int, prefi
                 fit.total_bytes / 2**30, fit.usable_bytes / 2**30, shape, context)
 
 
+def resolve_prefill_chunk(cfg: ModelConfig, mesh: Any, prefill_chunk: int | None) -> int:
+    """The prefill chunk to serve with: the one asked for, else the measured choice for
+    this model and mesh (`chunking.choose_prefill_chunk`)."""
+    if prefill_chunk is not None:
+        logger.info("prefill chunk: %d tokens (--prefill-chunk)", prefill_chunk)
+        return prefill_chunk
+    from lwm_serve.model import chunking
+    from lwm_serve.model import sharding
+
+    sp = 1 if mesh is None else sharding.axis_size(mesh, sharding.LENGTH)
+    chunk = chunking.choose_prefill_chunk(cfg, sp)
+    logger.info("prefill chunk: %d tokens (chosen for this model on %d sequence shard%s; "
+                "--prefill-chunk overrides)", chunk, sp, "" if sp == 1 else "s")
+    return chunk
+
+
 def load_vqgan(path: str | os.PathLike, config_path: str | os.PathLike | None = None) -> vq.VQGAN:
     """The reference's VQGAN params pickle (restricted unpickler) + its config JSON
     (default: config.json beside it, else the real LWM VQGAN's shape)."""
@@ -185,7 +201,7 @@ def load_vqgan(path: str | os.PathLike, config_path: str | os.PathLike | None = 
 def load_runtime(model: str = DEMO, *, model_config_spec: str | None = None,
                  tokenizer: str | None = None, vqgan: str | None = None,
                  served_model_name: str | None = None, dtype: str = "float32",
-                 max_model_len: int | None = None, prefill_chunk: int = 2048,
+                 max_model_len: int | None = None, prefill_chunk: int | None = None,
                  mesh: Any = None, device_memory: int | None = None,
                  progress: bool = True, load_format: str = "auto") -> Runtime:
     """Load weights, tokenizer and (optionally) the VQGAN; validate they fit together.
@@ -193,6 +209,7 @@ def load_runtime(model: str = DEMO, *, model_config_spec: str | None = None,
     Before any weight is read, the capacity planner checks that parameters, the
     KV cache of `max_model_len` tokens and the prefill peak fit each device
     (`device_memory` bytes; default: what the accelerator reports, else 32 GiB).
+    `prefill_chunk` None: chosen for the model and mesh (`resolve_prefill_chunk`).
     """
     name = served_model_name
     if load_format == "dummy":
@@ -227,6 +244,7 @@ def load_runtime(model: str = DEMO, *, model_config_spec: str | None = None,
             raise LoadError("no tokenizer: pass --tokenizer (a directory with tokenizer.model)")
     tok = TextTokenizer(tokenizer)
     _check_vocab(tok, cfg)
+    prefill_chunk = resolve_prefill_chunk(cfg, mesh, prefill_chunk)
     _check_capacity(cfg, mesh, dtype, max_model_len or cfg.max_sequence_length, prefill_chunk,
                     device_memory)
     shardings = None
@@ -252,7 +270,7 @@ UNKNOWN_ID_TEXT = " <id:{id}>"
 
 
 def _dummy_runtime(config_spec: str | None, *, tokenizer: str | None, vqgan: str | None, name: str | None,
-                   dtype: str, max_model_len: int | None, prefill_chunk: int, mesh: Any,
+                   dtype: str, max_model_len: int | None, prefill_chunk: int | None, mesh: Any,
                    device_memory: int | None) -> Runtime:
     """Random weights of a preset (vLLM's `--load-format dummy`): benchmarks at a real
     model's shape with no checkpoint. Tokenizer and VQGAN default to the demo's; ids
@@ -267,6 +285,7 @@ def _dummy_runtime(config_spec: str | None, *, tokenizer: str | None, vqgan: str
     tok = TextTokenizer(tokenizer or root / "tokenizer")
     tok.unknown_id_text = UNKNOWN_ID_TEXT
     _check_vocab(tok, cfg)
+    prefill_chunk = resolve_prefill_chunk(cfg, mesh, prefill_chunk)
     _check_capacity(cfg, mesh, dtype, max_model_len or cfg.max_sequence_length, prefill_chunk, device_memory)
     params = init_params(cfg, jax.random.PRNGKey(0))
     params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)

@@ -92,7 +92,8 @@ def build_services(settings: ServerSettings, runtime: RuntimeLike, observer: Any
     engine = Engine(runtime.generator, max_queue=settings.max_queue, retry_after_s=settings.retry_after_s,
                     max_num_seqs=settings.max_num_seqs, kv_cache_bytes=settings.kv_cache_bytes,
                     prefix_cache_bytes=settings.prefix_cache_bytes,
-                    request_timeout_s=settings.request_timeout_s, observer=observer,
+                    request_timeout_s=settings.request_timeout_s, max_sessions=settings.max_sessions,
+                    observer=observer,
                     step_hook=getattr(runtime, "step_hook", None), replica=getattr(runtime, "replica", None))
     limits = HandlerLimits(default_max_tokens=settings.default_max_tokens, max_batch=settings.max_batch)
     data = settings.resolved_data_dir()

@@ -43,7 +43,7 @@ from lwm_serve.server.engine.handle import END, Entry, Failure, RequestHandle
 from lwm_serve.server.engine.live import LiveRequest
 from lwm_serve.server.engine.replica import Leader, ReplicaLostError
 from lwm_serve.server.engine.request import (GenerationRequest, PrefillProgress, RequestRecord,
-                                             RequestStatus, RequestTimeoutError)
+                                             RequestStatus, RequestTimeoutError, SessionLimitError)
 from lwm_serve.server.engine.scheduler import Scheduler, SchedulerClosedError
 
 logger = logging.getLogger(__name__)
@@ -92,6 +92,8 @@ class Engine:
         kv_cache_bytes: bound on the pool's bytes: fewer rows when they would not fit.
         prefix_cache_bytes: bytes of finished prefills kept for reuse (0: none).
         request_timeout_s: default per-request limit (None: none).
+        max_sessions: most session names pinning prefills at once (a new one beyond
+            raises SessionLimitError; `release_session` frees a name).
         observer: receives metrics events.
         step_hook: called by the worker before each engine step (tests use it to
             pace or gate the worker).
@@ -103,6 +105,7 @@ class Engine:
     def __init__(self, generator: Generator, *, max_queue: int = 64, retry_after_s: int = 1,
                  history: int = 1024, max_num_seqs: int = 16, kv_cache_bytes: int | None = None,
                  prefix_cache_bytes: int = 1 << 30, request_timeout_s: float | None = None,
+                 max_sessions: int = 16,
                  observer: EngineObserver | None = None,
                  step_hook: Callable[[], None] | None = None, replica: Leader | None = None) -> None:
         self.generator = generator
@@ -120,6 +123,8 @@ class Engine:
         self.prefix_cache = (PrefixCache(prefix_cache_bytes) if replica is None
                              else replica.prefix_cache(prefix_cache_bytes))
         self.request_timeout_s = request_timeout_s
+        self.max_sessions = max_sessions
+        self._sessions: set[str] = set()
         self.observer = observer
         self.step_hook = step_hook
         self.pool: SlotPool | None = None
@@ -237,6 +242,8 @@ class Engine:
             raise SchedulerClosedError("the server is shutting down" if self._draining
                                        else "the engine is not running")
         self.check_length(request.prompt_tokens, request.max_new_tokens)
+        if request.session is not None:
+            self._open_session(request.session)
         rows = len(request.prompt_rows)
         if self.pool is not None and rows > self.pool.num_slots:
             what = (f"{len(request.rows)} outputs with guidance ({rows} rows)" if request.use_cfg
@@ -260,9 +267,25 @@ class Engine:
         with self._lock:
             return self._records.get(request_id)
 
-    def release_session(self, session: str) -> None:
-        """Lets a session's pinned prefills be evicted again."""
-        self.prefix_cache.unpin(session)
+    def _open_session(self, session: str) -> None:
+        # Pins never leave on their own: their number is bounded, not their lifetime.
+        with self._lock:
+            if session not in self._sessions and len(self._sessions) >= self.max_sessions:
+                raise SessionLimitError(self.max_sessions)
+            self._sessions.add(session)
+
+    def release_session(self, session: str) -> bool:
+        """Lets a session's pinned prefills be evicted again; False for an unknown name."""
+        with self._lock:
+            known = session in self._sessions
+            self._sessions.discard(session)
+        if known:
+            self.prefix_cache.unpin(session)
+        return known
+
+    def sessions(self) -> list[str]:
+        with self._lock:
+            return sorted(self._sessions)
 
     def stats(self) -> EngineStats:
         s = self._scheduler.stats()

@@ -40,6 +40,15 @@ class RequestTimeoutError(TimeoutError):
         super().__init__(f"the request did not finish within the server's limit of {seconds:g} s")
 
 
+class SessionLimitError(RuntimeError):
+    """A request names a new session while `max_sessions` are already pinned."""
+
+    def __init__(self, max_sessions: int) -> None:
+        self.max_sessions = max_sessions
+        super().__init__(f"{max_sessions} sessions already keep prefills pinned (--max-sessions); release "
+                         "one with DELETE /v1/sessions/{session} or send the request without `session`")
+
+
 @dataclass(frozen=True)
 class PrefillProgress:
     """Prompt chunks prefilled so far (delivered before the first token)."""

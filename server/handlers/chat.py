@@ -179,7 +179,7 @@ class ChatHandler:
         request_id = self.engine.new_request_id()
         gen_request = GenerationRequest(request_id, [row] * req.n, [sampling] * req.n, max_tokens,
                                         seed=req.seed, stop_token_ids=stop_ids, top_logprobs=top_n,
-                                        logprobs=bool(req.logprobs))
+                                        logprobs=bool(req.logprobs), session=req.session)
         handle = self.engine.submit(gen_request)  # ContextLengthError / QueueFullError raise here
         logger.info("[%s] chat: prompt %d tokens (%d vision), n %d, max_tokens %d, stream %s", request_id,
                     len(prompt.ids), sum(prompt.vision_mask), req.n, max_tokens, req.stream)

@@ -162,7 +162,8 @@ class VideoQuestionHandler:
         stop_ids = (self.tokenizer.eos_id,)
         rid = self.engine.new_request_id()
         handle = self.engine.submit(GenerationRequest(rid, [PromptRow(prompt.ids, prompt.vision_mask)], [sampling],
-                                                      max_tokens, seed=form.seed, stop_token_ids=stop_ids))
+                                                      max_tokens, seed=form.seed, stop_token_ids=stop_ids,
+                                                      session=form.session))
         logger.info("[%s] video question: prompt %d tokens (%d vision), max_tokens %d, stream %s", rid,
                     len(prompt.ids), sum(prompt.vision_mask), max_tokens, form.stream)
         decoder = ChoiceDecoder(self.tokenizer, [], stop_ids)

@@ -10,6 +10,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "invalid request"},
     401: {"model": ErrorResponse, "description": "missing or invalid API key"},
     404: {"model": ErrorResponse, "description": "unknown model"},
+    429: {"model": ErrorResponse, "description": "a new `session` name beyond --max-sessions"},
     503: {"model": ErrorResponse, "description": "queue full or model loading (see Retry-After)"},
 }
 

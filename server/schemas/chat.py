@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lwm_serve.server.schemas.common import MAX_TOKENS, MAX_TOP_K, TOP_K_DOC, OpenAIBaseModel, ResponseModel, StreamOptions, UsageInfo
+from lwm_serve.server.schemas.common import MAX_TOKENS, MAX_TOP_K, SESSION_DOC, TOP_K_DOC, OpenAIBaseModel, ResponseModel, StreamOptions, UsageInfo
 
 FinishReason = Literal["stop", "length"]
 _OMIT_NONE = dict(default=None, exclude_if=lambda v: v is None)
@@ -65,6 +65,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
     # Extras (the SDK's extra_body), as vLLM names them.
     top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K, description=TOP_K_DOC)
     ignore_eos: bool = Field(False, description="extra: keep generating after the end-of-sequence token")
+    session: str | None = Field(None, min_length=1, max_length=128, description=SESSION_DOC)
     auto_fps: bool | None = Field(None, description=(
         "extra: when the request's videos do not fit the context, sample fewer frames instead of a 400 "
         "(default: the server's auto_fps setting)"))

@@ -83,3 +83,8 @@ def dump(model: BaseModel, *, drop: tuple[str, ...] = ()) -> dict[str, Any]:
         out.pop(key, None)
     return out
 
+
+SESSION_DOC = (
+    "extra: keep this prompt's prefill pinned in the prefix cache under this name, so "
+    "follow-up questions skip it even when other prompts push kept prefills out; released by "
+    "DELETE /v1/sessions/{session} (at most --max-sessions names at once: 429 beyond)")

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from lwm_serve.server.schemas.common import ResponseModel
-from lwm_serve.server.schemas.common import MAX_TOKENS, MAX_TOP_K, TOP_K_DOC
+from lwm_serve.server.schemas.common import MAX_TOKENS, MAX_TOP_K, SESSION_DOC, TOP_K_DOC
 from lwm_serve.server.schemas.media import MediaSampling
 from lwm_serve.tokenizers.vision_layout import CODES_PER_FRAME, TOKENS_PER_FRAME
 
@@ -30,6 +30,7 @@ class VideoQuestionForm(MediaSampling):
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stream: bool = False
     store: bool = Field(False, description="keep the upload as a file (its id is in the answer)")
+    session: str | None = Field(None, min_length=1, max_length=128, description=SESSION_DOC)
 
 
 class FrameInfo(ResponseModel):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,3 +102,30 @@ def test_feature_flags_skip_only_unused_filters():
                                       sampling.sample(key, logits, k))
     assert SamplingFeatures.of([SamplingParams(temperature=0)]).all_greedy
     assert not SamplingFeatures.of([SamplingParams(temperature=0.5)]).top_k
+
+
+def test_top_k_and_top_p_without_a_sort_equal_the_sorted_filters():
+    """`lax.top_k` paths (k <= FAST_TOP_K_LIMIT) keep exactly what sorting the vocabulary keeps."""
+    from lwm_serve.model.sampling import SamplingFeatures
+
+    logits = jax.random.normal(jax.random.PRNGKey(4), (7, 3000)) * 3
+    rows = [SamplingParams(temperature=0.8, top_k=k, top_p=p)
+            for k, p in ((50, 1.0), (1, 0.9), (700, 0.5), (0, 1.0), (13, 0.97), (64, 0.3))]
+    with_k = SamplingFeatures.of(rows)
+    assert with_k.top_k_bound == 1024 and with_k.top_p_within_k
+    mixed = rows + [SamplingParams(temperature=1.0, top_p=0.9)]  # a nucleus without k: the full sort
+    assert not SamplingFeatures.of(mixed).top_p_within_k
+    assert SamplingFeatures.of([SamplingParams(top_k=5000)]).top_k_bound == 0
+    for chosen in (rows, mixed):
+        knobs, features = SamplingArrays.from_params(chosen), SamplingFeatures.of(chosen)
+        sorted_only = dataclasses.replace(features, top_k_bound=0, top_p_within_k=False)
+        lg = logits[:len(chosen)]
+        np.testing.assert_array_equal(np.asarray(sampling.warp(lg, knobs, features)),
+                                      np.asarray(sampling.warp(lg, knobs, sorted_only)))
+    # ties at the k-th value leave more finite logits than the prefix holds: the full sort decides
+    flat = jnp.zeros((2, 3000)).at[0, :5].set(1.0)
+    tie_rows = [SamplingParams(temperature=1.0, top_k=3, top_p=0.5)] * 2
+    knobs, features = SamplingArrays.from_params(tie_rows), SamplingFeatures.of(tie_rows)
+    np.testing.assert_array_equal(
+        np.asarray(sampling.warp(flat, knobs, features)),
+        np.asarray(sampling.warp(flat, knobs, dataclasses.replace(features, top_k_bound=0, top_p_within_k=False))))

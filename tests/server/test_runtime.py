@@ -80,3 +80,21 @@ def test_context_that_cannot_fit_is_refused_before_loading(reference_dir):
     with pytest.raises(runtime.LoadError, match="does not fit"):
         runtime.load_runtime(str(reference_dir / "model" / "params_scan"),
                              tokenizer=str(reference_dir / "tokenizer"), device_memory=1 << 20)
+
+
+def test_prefill_chunk_defaults_to_the_measured_choice_and_a_flag_wins(home, caplog):
+    from lwm_serve.model import chunking
+    from lwm_serve.model.mesh import make_mesh
+    from lwm_serve.server.config import ServerSettings
+
+    assert ServerSettings().prefill_chunk is None  # no fixed default: chosen per model and mesh
+    with caplog.at_level("INFO", logger="lwm_serve.server.runtime"):
+        rt = runtime.load_runtime("demo", progress=False)
+    assert rt.generator.prefill_chunk == chunking.choose_prefill_chunk(rt.cfg) == chunking.CPU_SATURATION_TOKENS
+    assert any("prefill chunk: 512 tokens (chosen" in r.getMessage() for r in caplog.records)
+    assert runtime.load_runtime("demo", progress=False, prefill_chunk=96).generator.prefill_chunk == 96
+    # per sequence shard: a mesh with sp = 4 prefills 4 x 512 tokens per step
+    import jax
+
+    sp4 = make_mesh("1,1,1,4", jax.devices()[:4])
+    assert runtime.resolve_prefill_chunk(rt.cfg, sp4, None) == chunking.choose_prefill_chunk(rt.cfg, 4) == 2048
