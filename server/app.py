@@ -50,9 +50,13 @@ def load_runtime_for(settings: ServerSettings, *, progress: bool = True) -> Runt
 
 async def warm_up(services: Services) -> None:
     """One tiny greedy chat request through the whole stack (compiles a prefill; it
-    waits behind the engine's precompile of every decode shape)."""
+    waits behind the engine's precompile of every decode shape), then the VQGAN's
+    encode sizes are measured and compiled (`MediaService.warm_up`) while the engine
+    is idle, so the timings are the VQGAN's own and no first video pays a compile."""
     req = ChatCompletionRequest(messages=[ChatMessage(role="user", content="Hi")], max_tokens=2, temperature=0)
     await services.chat.create(req)
+    if services.vision is not None:
+        await asyncio.to_thread(services.vision.warm_up)
 
 
 def build_app(settings: ServerSettings, runtime: RuntimeLike | None = None) -> FastAPI:

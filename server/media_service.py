@@ -20,8 +20,10 @@ import asyncio
 import logging
 from typing import Any, AsyncIterator, Callable, Sequence
 
+import numpy as np
+
 from lwm_serve.server.errors import InvalidRequestError
-from lwm_serve.server.media_ingest import EncodedMedia, IngestEvent, IngestStats, MediaIngester
+from lwm_serve.server.media_ingest import EncodedMedia, IngestEvent, IngestObserver, IngestStats, MediaIngester
 from lwm_serve.server.media_plan import (IMAGE_SPEC, Budget, MediaRequest, PlannedMedia, budget_of, estimate_frames,
                                          fit_spec, media_error, share_frames, spec_text, too_long_error)
 from lwm_serve.server.media_sources import SourceResolver
@@ -50,12 +52,32 @@ class MediaService:
 
     def __init__(self, vqgan: Any, tokenizer: Any, cache: VisionCache, sources: SourceResolver, *,
                  layout: FrameLayout, context_limit: int, max_video_seconds: float | None = None,
-                 auto_fps: bool = False, max_pixels: int | None = None) -> None:
+                 auto_fps: bool = False, max_pixels: int | None = None, observer: IngestObserver | None = None,
+                 vqgan_batch: int | None = None) -> None:
         self.vqgan, self.cache, self.sources = vqgan, cache, sources
         self.layout, self.context_limit = layout, context_limit
         self.max_video_seconds, self.auto_fps, self.max_pixels = max_video_seconds, auto_fps, max_pixels
         self.wrapper_tokens = wrapper_length(tokenizer)
-        self.ingester = MediaIngester(vqgan, cache, max_video_seconds=max_video_seconds, max_pixels=max_pixels)
+        self.vqgan_batch = vqgan_batch
+        self.ingester = MediaIngester(vqgan, cache, max_video_seconds=max_video_seconds, max_pixels=max_pixels,
+                                      observer=observer)
+
+    def warm_up(self) -> dict[int, float]:
+        """Before the server says it is ready: hash the VQGAN's parameters (every cache key
+        holds that hash) and compile the encode sizes requests will use, measuring them
+        unless --vqgan-batch fixed the batch (`tokenizers.vqgan_batch`). Returns the
+        seconds of one call per compiled size (measured) or {} (fixed)."""
+        self.vqgan.identity  # noqa: B018  (a cached property: ~1 s for the real VQGAN, once)
+        if self.vqgan_batch is None:
+            return dict(self.vqgan.tune_encode().seconds)
+        self.vqgan.batch_size = self.vqgan_batch
+        r, c = self.vqgan.cfg.resolution, self.vqgan.cfg.num_channels
+        size = 1
+        while True:  # the full batch and every power-of-two padded tail below it
+            self.vqgan.encode_batch(np.zeros((min(size, self.vqgan_batch), r, r, c), np.float32))
+            if size >= self.vqgan_batch:
+                return {}
+            size *= 2
 
     @property
     def stats(self) -> IngestStats:

@@ -37,12 +37,15 @@ import logging
 import math
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
+
+if TYPE_CHECKING:
+    from lwm_serve.tokenizers.vqgan_batch import EncodeTimes
 
 logger = logging.getLogger(__name__)
 
@@ -380,12 +383,15 @@ def params_identity(params: Params, cfg: VQGANConfig) -> str:
 
 
 class VQGAN:
-    """Params + config, with fixed-size chunked (and optionally dp-sharded) batching.
+    """Params + config, with chunked (and optionally dp-sharded) batching.
 
     Every call pads its last chunk to a power of two (to `batch_size` when
     sharded), so encode/decode compile once per such size. With `shard=True` a chunk is split over all local
     devices along a `dp` mesh axis when `batch_size` divides by their count
-    (params replicated); otherwise it runs on one device.
+    (params replicated); otherwise it runs on one device. `tune_encode` replaces the
+    given `batch_size` by the measured best one for this device and, from then on,
+    splits each encode call into the measured sizes of least total time
+    (`tokenizers.vqgan_batch`).
     """
 
     def __init__(self, params: Params, cfg: VQGANConfig, batch_size: int = 8, shard: bool = False) -> None:
@@ -410,6 +416,26 @@ class VQGAN:
             self._in_sharding = None
             params = jax.device_put(params)
         self.params = params
+        self.encode_seconds: dict[int, float] | None = None  # measured per batch size (tune_encode)
+
+    @property
+    def platform(self) -> str:
+        """The device kind the VQGAN runs on (cpu, gpu, tpu)."""
+        return jax.local_devices()[0].platform
+
+    def tune_encode(self, candidates: Sequence[int] | None = None) -> "EncodeTimes":
+        """Measure the encode batch sizes on this device, keep the best (`vqgan_batch.measure_encode`).
+
+        Leaves every measured size compiled (the server calls it before it says it is ready).
+        Sharded wrappers keep their batch (it must divide over the devices).
+        """
+        from lwm_serve.tokenizers import vqgan_batch
+
+        if self.mesh is not None:
+            raise ValueError("a sharded VQGAN keeps its batch_size (it must divide over the devices)")
+        times = vqgan_batch.measure_encode(self, candidates or vqgan_batch.CANDIDATES)
+        self.batch_size, self.encode_seconds = times.batch, dict(times.seconds)
+        return times
 
     @classmethod
     def from_pickle(cls, path: str | Path, cfg: VQGANConfig | None = None, **kwargs: Any) -> VQGAN:
@@ -425,16 +451,28 @@ class VQGAN:
         """Stable hash of config + params, for cache keys."""
         return params_identity(jax.device_get(self.params), self.cfg)
 
-    def _chunks(self, x: np.ndarray) -> list[tuple[np.ndarray, int]]:
+    def _sizes(self, n: int, measured: dict[int, float] | None) -> list[int]:
+        """The call sizes for n items: the measured split, else full batches and a short last chunk
+        padded to the next power of two, not to the full batch (at most log2(batch) extra compiled
+        shapes; a 2-frame ask costs 2 frames of compute, not 8). Sharded chunks keep the full batch
+        so they still divide over the devices."""
+        if measured and self.mesh is None:
+            from lwm_serve.tokenizers.vqgan_batch import split_frames
+
+            return split_frames(n, measured)
+        full, rest = divmod(n, self.batch_size)
+        sizes = [self.batch_size] * full
+        if rest:
+            sizes.append(self.batch_size if self.mesh is not None else min(self.batch_size, 1 << (rest - 1).bit_length()))
+        return sizes
+
+    def _chunks(self, x: np.ndarray, measured: dict[int, float] | None = None) -> list[tuple[np.ndarray, int]]:
         out = []
-        for i in range(0, len(x), self.batch_size):
-            chunk = x[i : i + self.batch_size]
+        i = 0
+        for target in self._sizes(len(x), measured):
+            chunk = x[i : i + target]
             n = len(chunk)
-            # A short last chunk is padded to the next power of two, not to the
-            # full batch: at most log2(batch) extra compiled shapes, and a
-            # 2-frame ask costs 2 frames of compute, not 8. Sharded chunks keep
-            # the full batch so they still divide over the devices.
-            target = self.batch_size if self.mesh is not None else min(self.batch_size, 1 << (n - 1).bit_length())
+            i += n
             if n < target:
                 pad = np.zeros((target - n, *chunk.shape[1:]), chunk.dtype)
                 chunk = np.concatenate([chunk, pad])
@@ -453,14 +491,24 @@ class VQGAN:
         Returns:
             codes [N, g, g] int32 (numpy).
         """
+        return self.start_encode(frames)()
+
+    def start_encode(self, frames: np.ndarray) -> Callable[[], np.ndarray]:
+        """`encode_frames` without waiting: dispatches every chunk and returns the function
+        that waits for the codes (the caller decodes the next frames meanwhile)."""
         frames = np.asarray(frames, np.float32)
         g = self.cfg.grid
         if len(frames) == 0:
-            return np.zeros((0, g, g), np.int32)
+            return lambda: np.zeros((0, g, g), np.int32)
         results = [
-            (encode(self.params, self.cfg, self._put(chunk))[1], n) for chunk, n in self._chunks(frames)
+            (encode(self.params, self.cfg, self._put(chunk))[1], n)
+            for chunk, n in self._chunks(frames, self.encode_seconds)
         ]  # dispatch every chunk before waiting on any
-        return np.concatenate([np.asarray(c)[:n] for c, n in results])
+        return lambda: np.concatenate([np.asarray(c)[:n] for c, n in results])
+
+    def encode_batch(self, frames: np.ndarray) -> np.ndarray:
+        """Encode exactly these frames in one call (one compiled shape; probes and warm-up)."""
+        return np.asarray(encode(self.params, self.cfg, self._put(np.asarray(frames, np.float32)))[1])
 
     def decode_codes(self, codes: np.ndarray) -> np.ndarray:
         """Decode codes [N, g, g] to pixels [N, R, R, 3] float32 in [-1, 1]."""
