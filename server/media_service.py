@@ -20,14 +20,13 @@ import asyncio
 import logging
 from typing import Any, AsyncIterator, Callable, Sequence
 
-import numpy as np
 
 from lwm_serve.server.errors import InvalidRequestError
 from lwm_serve.server.media_ingest import EncodedMedia, IngestEvent, IngestObserver, IngestStats, MediaIngester
 from lwm_serve.server.media_plan import (IMAGE_SPEC, Budget, MediaRequest, PlannedMedia, budget_of, estimate_frames,
                                          fit_spec, media_error, share_frames, spec_text, too_long_error)
 from lwm_serve.server.media_sources import SourceResolver
-from lwm_serve.tokenizers import media_decode
+from lwm_serve.tokenizers import media_decode, vqgan_batch
 from lwm_serve.tokenizers.errors import MediaError
 from lwm_serve.tokenizers.vision_cache import VisionCache, cache_key
 from lwm_serve.tokenizers.vision_layout import FrameLayout, wrapper_length
@@ -59,25 +58,35 @@ class MediaService:
         self.max_video_seconds, self.auto_fps, self.max_pixels = max_video_seconds, auto_fps, max_pixels
         self.wrapper_tokens = wrapper_length(tokenizer)
         self.vqgan_batch = vqgan_batch
+        self._compiled: list[int] | None = None  # encode sizes `prepare` compiled
         self.ingester = MediaIngester(vqgan, cache, max_video_seconds=max_video_seconds, max_pixels=max_pixels,
                                       observer=observer)
 
-    def warm_up(self) -> dict[int, float]:
-        """Before the server says it is ready: hash the VQGAN's parameters (every cache key
-        holds that hash) and compile the encode sizes requests will use, measuring them
-        unless --vqgan-batch fixed the batch (`tokenizers.vqgan_batch`). Returns the
-        seconds of one call per compiled size (measured) or {} (fixed)."""
-        self.vqgan.identity  # noqa: B018  (a cached property: ~1 s for the real VQGAN, once)
+    def prepare(self) -> None:
+        """The warm-up's untimed half, which may run beside the model's own compiles: hash the
+        VQGAN's parameters (every cache key holds that hash; seconds for the real VQGAN) and
+        compile and run once the encode sizes every device uses (fixed: the batch and its
+        power-of-two tails; measured: the first two candidates, which every measurement times)."""
+        self.vqgan.identity  # noqa: B018  (a cached property)
+        vqgan_batch.compile_encode(self.vqgan, self._first_sizes())
+        self._compiled = self._first_sizes()
+
+    def _first_sizes(self) -> list[int]:
         if self.vqgan_batch is None:
-            return dict(self.vqgan.tune_encode().seconds)
-        self.vqgan.batch_size = self.vqgan_batch
-        r, c = self.vqgan.cfg.resolution, self.vqgan.cfg.num_channels
-        size = 1
-        while True:  # the full batch and every power-of-two padded tail below it
-            self.vqgan.encode_batch(np.zeros((min(size, self.vqgan_batch), r, r, c), np.float32))
-            if size >= self.vqgan_batch:
-                return {}
-            size *= 2
+            return list(vqgan_batch.CANDIDATES[:2])
+        return sorted({min(1 << k, self.vqgan_batch) for k in range(self.vqgan_batch.bit_length() + 1)})
+
+    def warm_up(self) -> dict[int, float]:
+        """Before the server says it is ready, with the model idle: `prepare` (unless done),
+        then, unless --vqgan-batch fixed the batch, measure the encode sizes and keep the
+        fastest (`tokenizers.vqgan_batch`). Returns the measured seconds of one call per
+        size ({} when fixed)."""
+        if self._compiled is None:
+            self.prepare()
+        if self.vqgan_batch is not None:
+            self.vqgan.batch_size = self.vqgan_batch
+            return {}
+        return dict(self.vqgan.tune_encode(compiled=self._compiled or ()).seconds)
 
     @property
     def stats(self) -> IngestStats:

@@ -417,23 +417,25 @@ class VQGAN:
             params = jax.device_put(params)
         self.params = params
         self.encode_seconds: dict[int, float] | None = None  # measured per batch size (tune_encode)
+        self._encoders: dict[int, Any] = {}  # batch -> encode compiled ahead of time (compile_encode)
 
     @property
     def platform(self) -> str:
         """The device kind the VQGAN runs on (cpu, gpu, tpu)."""
         return jax.local_devices()[0].platform
 
-    def tune_encode(self, candidates: Sequence[int] | None = None) -> "EncodeTimes":
+    def tune_encode(self, candidates: Sequence[int] | None = None, compiled: Sequence[int] = ()) -> "EncodeTimes":
         """Measure the encode batch sizes on this device, keep the best (`vqgan_batch.measure_encode`).
 
         Leaves every measured size compiled (the server calls it before it says it is ready).
+        `compiled`: sizes already compiled (`vqgan_batch.compile_encode`), only timed here.
         Sharded wrappers keep their batch (it must divide over the devices).
         """
         from lwm_serve.tokenizers import vqgan_batch
 
         if self.mesh is not None:
             raise ValueError("a sharded VQGAN keeps its batch_size (it must divide over the devices)")
-        times = vqgan_batch.measure_encode(self, candidates or vqgan_batch.CANDIDATES)
+        times = vqgan_batch.measure_encode(self, candidates or vqgan_batch.CANDIDATES, compiled)
         self.batch_size, self.encode_seconds = times.batch, dict(times.seconds)
         return times
 
@@ -501,14 +503,27 @@ class VQGAN:
         if len(frames) == 0:
             return lambda: np.zeros((0, g, g), np.int32)
         results = [
-            (encode(self.params, self.cfg, self._put(chunk))[1], n)
-            for chunk, n in self._chunks(frames, self.encode_seconds)
+            (self._encode_chunk(chunk), n) for chunk, n in self._chunks(frames, self.encode_seconds)
         ]  # dispatch every chunk before waiting on any
         return lambda: np.concatenate([np.asarray(c)[:n] for c, n in results])
 
+    def compile_encode(self, batch: int) -> None:
+        """Compile the encode of `batch` frames now, running nothing (start-up warm-up); calls
+        of that size then use it. A sharded wrapper compiles on first use instead."""
+        if batch in self._encoders or self.mesh is not None:
+            return
+        frames = jax.ShapeDtypeStruct((batch, self.cfg.resolution, self.cfg.resolution, self.cfg.num_channels),
+                                      jnp.float32)
+        self._encoders[batch] = encode.lower(self.params, self.cfg, frames).compile()
+
+    def _encode_chunk(self, chunk: np.ndarray) -> jax.Array:
+        compiled = self._encoders.get(len(chunk))
+        x = self._put(chunk)
+        return (compiled(self.params, x) if compiled is not None else encode(self.params, self.cfg, x))[1]
+
     def encode_batch(self, frames: np.ndarray) -> np.ndarray:
         """Encode exactly these frames in one call (one compiled shape; probes and warm-up)."""
-        return np.asarray(encode(self.params, self.cfg, self._put(np.asarray(frames, np.float32)))[1])
+        return np.asarray(self._encode_chunk(np.asarray(frames, np.float32)))
 
     def decode_codes(self, codes: np.ndarray) -> np.ndarray:
         """Decode codes [N, g, g] to pixels [N, R, R, 3] float32 in [-1, 1]."""

@@ -34,19 +34,19 @@ def test_measurement_stops_at_the_first_batch_not_faster_per_frame(monkeypatch):
     calls = []
     per_call = {1: 1.0, 2: 2.6, 4: 4.0, 8: 6.0}  # batch 2 loses per frame; 4 and 8 would not be tried
 
-    def fake_time(model, batch):
-        calls.append(batch)
+    def fake_time(model, batch, compiled):
+        calls.append((batch, compiled))
         return 0.0, per_call[batch]
 
     monkeypatch.setattr(vb, "_time_call", fake_time)
     model = type("M", (), {"platform": "cpu"})()
-    times = vb.measure_encode(model)  # type: ignore[arg-type]
-    assert calls == [1, 2] and times.batch == 1 and dict(times.seconds) == {1: 1.0, 2: 2.6}
+    times = vb.measure_encode(model, compiled=(1, 2))  # type: ignore[arg-type]
+    assert calls == [(1, True), (2, True)] and times.batch == 1 and dict(times.seconds) == {1: 1.0, 2: 2.6}
 
     calls.clear()
     per_call.update({2: 1.2, 4: 1.5, 8: 2.0})  # every size faster per frame: all measured, 8 chosen
     times = vb.measure_encode(model)  # type: ignore[arg-type]
-    assert calls == [1, 2, 4, 8] and times.batch == 8
+    assert calls == [(1, False), (2, False), (4, False), (8, False)] and times.batch == 8
 
 
 def test_tuned_wrapper_keeps_codes_exact(vqgan_case):
