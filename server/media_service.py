@@ -20,7 +20,6 @@ import asyncio
 import logging
 from typing import Any, AsyncIterator, Callable, Sequence
 
-
 from lwm_serve.server.errors import InvalidRequestError
 from lwm_serve.server.media_ingest import EncodedMedia, IngestEvent, IngestObserver, IngestStats, MediaIngester
 from lwm_serve.server.media_plan import (IMAGE_SPEC, Budget, MediaRequest, PlannedMedia, budget_of, estimate_frames,
