@@ -1,11 +1,13 @@
 """How many frames one VQGAN encode call takes: measured per device, split per frame count.
 
-A bigger batch is not always faster per frame. On accelerators it is (more work per
-launch); on this project's 2-core CPU it is not: a 256x256 frame's activations
-(128 channels x 256 x 256 x 4 bytes = 32 MiB per tensor) already overflow the
-caches, so batching adds memory traffic and no parallelism the two cores lack
-(`bench/ingest.py`, real-size VQGAN, 213 GFLOP/frame: batch 1 1.57 frames/s, batch
-8 1.20 frames/s when the machine was quiet). So the batch is measured, not assumed:
+A bigger batch is not always faster per frame. On accelerators it usually is (more work
+per launch); on this project's 2-core CPU it was not: a 256x256 frame's activations
+(128 channels x 256 x 256 x 4 bytes = 32 MiB per tensor) already overflow the caches,
+so batching adds memory traffic and no parallelism the two cores lack (`bench/ingest.py`,
+real-size VQGAN, 213 GFLOP/frame, issue 16: batch 1 1.57 frames/s, batch 8 1.20). On the
+same machine under load the order changed from run to run (batch 1/2/4/8: 10.3 / 12.1 /
+6.1 / 7.5 s per frame at a measured matmul roof of 46 GFLOP/s). So the batch is measured
+where it runs, not assumed:
 
 * `measure_encode`: compile each candidate batch (that is also the start-up
   warm-up: the sizes the server will use are compiled before /ready; the first two
