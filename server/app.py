@@ -50,9 +50,21 @@ def load_runtime_for(settings: ServerSettings, *, progress: bool = True) -> Runt
 
 async def warm_up(services: Services) -> None:
     """One tiny greedy chat request through the whole stack (compiles a prefill; it
-    waits behind the engine's precompile of every decode shape)."""
-    req = ChatCompletionRequest(messages=[ChatMessage(role="user", content="Hi")], max_tokens=2, temperature=0)
-    await services.chat.create(req)
+    waits behind the engine's precompile of every decode shape) while the VQGAN hashes
+    its parameters and compiles its first encode sizes (`MediaService.prepare`: XLA
+    compiles are mostly one thread, the machine has more); then, with the engine idle,
+    the encode sizes are timed and the fastest kept (`MediaService.warm_up`): the
+    timings are the VQGAN's own, and no first video pays a compile."""
+    vision = services.vision
+    prepared = asyncio.ensure_future(asyncio.to_thread(vision.prepare)) if vision is not None else None
+    try:
+        req = ChatCompletionRequest(messages=[ChatMessage(role="user", content="Hi")], max_tokens=2, temperature=0)
+        await services.chat.create(req)
+    finally:
+        if prepared is not None:
+            await prepared
+    if vision is not None:
+        await asyncio.to_thread(vision.warm_up)
 
 
 def build_app(settings: ServerSettings, runtime: RuntimeLike | None = None) -> FastAPI:

@@ -89,6 +89,7 @@ _MEDIA_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--auto-fps", "auto_fps", {"action": argparse.BooleanOptionalAction}),
     ("--vision-cache-bytes", "vision_cache_bytes", {"type": _optional(int), "metavar": "BYTES|none"}),
     ("--image-url-ttl", "image_url_ttl_s", {"type": float, "metavar": "SECONDS"}),
+    ("--vqgan-batch", "vqgan_batch", {"type": _optional(int), "metavar": "FRAMES|none"}),
 ]
 
 

@@ -167,6 +167,9 @@ class ServerSettings(BaseSettings):
         f"'vision_chat': {END_OF_VISION} after EVERY frame; exactly what the reference vision_chat script "
         f"feeds (it VQGAN-encodes one frame per batch and ends each batch with {END_OF_VISION}). One image: "
         "both agree"))
+    vqgan_batch: int | None = Field(None, ge=1, le=64, description=(
+        "frames per VQGAN encode call; unset: measured at start-up (batch 1, 2, 4, 8 until one is not "
+        "faster per frame) and each request's frames split into the measured sizes of least time"))
     image_url_ttl_s: float = Field(3600.0, gt=0, description=(
         "how long a generated image's URL (response_format 'url') stays valid"))
     auto_fps: bool = Field(False, description=(

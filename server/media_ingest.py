@@ -7,7 +7,9 @@ thread, not on the model worker: a long video being encoded never holds up other
 requests' generation, and one ingestion at a time bounds the memory of decoded
 frames. Its progress callback becomes IngestEvents (frames decoded / encoded,
 frames/s) and is the cancellation hook: a client that leaves stops the work at the
-next frame (`_Cancelled` unwinds `encode_media`; nothing is stored).
+next frame (`_Cancelled` unwinds `encode_media`; nothing is stored). An item that was
+ingested ends with an "ingested" event giving the seconds of each stage, measured by
+the pipeline itself, and feeds the observer's frame counter and ingest histogram.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, Literal, Protocol, Sequence
 
 import numpy as np
 
@@ -32,6 +34,12 @@ from lwm_serve.tokenizers.vision_cache import VisionCache
 _EMIT_EVERY_S = 0.25  # progress events at most this often per stage (plus the last one)
 
 
+class IngestObserver(Protocol):
+    """Told of every media item ingested (not of cache hits): `server.metrics.ServerMetrics`."""
+
+    def media_ingested(self, frames: int, seconds: float) -> None: ...
+
+
 @dataclass(frozen=True)
 class EncodedMedia:
     codes: np.ndarray  # [N, 16, 16] int32
@@ -43,23 +51,31 @@ class EncodedMedia:
 
 @dataclass(frozen=True)
 class IngestEvent:
-    """Progress of one media item: `done` of `total` frames through `stage`."""
+    """Progress of one media item: `done` of `total` frames through `stage`; the last
+    event of an ingested item ("ingested") carries `seconds` per stage (decode,
+    preprocess, vqgan, total)."""
 
-    stage: Stage
+    stage: Stage | Literal["ingested"]
     item: int
     done: int
     total: int
     frames_per_s: float | None = None
+    seconds: dict[str, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         if self.frames_per_s is not None:
             out["frames_per_s"] = round(self.frames_per_s, 2)
+        if self.seconds is None:
+            del out["seconds"]
+        else:
+            out["seconds"] = {k: round(v, 3) for k, v in self.seconds.items()}
         return out
 
     def describe(self) -> str:
         rate = f" frames_per_s={self.frames_per_s:.2f}" if self.frames_per_s is not None else ""
-        return f"progress stage={self.stage} item={self.item} done={self.done} total={self.total}{rate}"
+        times = "".join(f" {k}_s={v:.3f}" for k, v in (self.seconds or {}).items())
+        return f"progress stage={self.stage} item={self.item} done={self.done} total={self.total}{rate}{times}"
 
 
 @dataclass
@@ -84,11 +100,12 @@ class MediaIngester:
         cache: the on-disk code cache.
         max_video_seconds: longer videos are refused (None: no limit).
         max_pixels: images / video frames of more pixels are refused before decoding.
+        observer: told of each item ingested (frames, seconds): the server's metrics.
     """
 
     def __init__(self, vqgan: Any, cache: VisionCache, *, max_video_seconds: float | None = None,
-                 max_pixels: int | None = None) -> None:
-        self.vqgan, self.cache = vqgan, cache
+                 max_pixels: int | None = None, observer: IngestObserver | None = None) -> None:
+        self.vqgan, self.cache, self.observer = vqgan, cache, observer
         self.max_video_seconds, self.max_pixels = max_video_seconds, max_pixels
         self.stats = IngestStats()
         self._lock = threading.Lock()
@@ -108,10 +125,10 @@ class MediaIngester:
         loop = asyncio.get_running_loop()
         cancel = threading.Event()
 
-        def emit(event: IngestEvent) -> None:  # on the ingest thread
+        def emit(event: IngestEvent | None) -> None:  # on the ingest thread; None: only check for a cancel
             if cancel.is_set():
                 raise _Cancelled()
-            if on_event is not None:
+            if event is not None and on_event is not None:
                 loop.call_soon_threadsafe(on_event, event)
 
         out: list[EncodedMedia] = []
@@ -159,7 +176,7 @@ class MediaIngester:
                 if pending is not None and not pending.done():
                     pending.cancel()
 
-    def _ingest(self, index: int, plan: PlannedMedia, emit: Callable[[IngestEvent], None]) -> EncodedMedia:
+    def _ingest(self, index: int, plan: PlannedMedia, emit: Callable[[IngestEvent | None], None]) -> EncodedMedia:
         """`media_ingest.encode_media` with progress events (on the ingest thread).
 
         The file store's sha256 is reused (no re-hash); `emit` raises `_Cancelled`
@@ -178,15 +195,17 @@ class MediaIngester:
                 emit(IngestEvent("cached", index, done, total))
                 return
             if stage == "decode" and done != total and now - last < _EMIT_EVERY_S:
+                emit(None)  # no event this often, but a client that left still stops us at this frame
                 return
             last = now
             rate = None if plan.is_image else done / max(now - t0, 1e-9)
             emit(IngestEvent(stage, index, done, total, rate))
 
+        timings: dict[str, float] = {}
         codes, timestamps = encode_media(src.data, plan.spec, self.vqgan, self.cache,
                                          max_duration_s=self.max_video_seconds, progress=on_progress,
                                          content_sha256=src.sha256, label=src.label, max_pixels=self.max_pixels,
-                                         key=plan.key)
+                                         key=plan.key, timings=timings)
         if not len(codes):
             raise InvalidRequestError(f"{src.label}: the sampling {spec_text(plan.spec)} picks no frame",
                                       param=plan.request.param, code="no_frames")
@@ -198,4 +217,9 @@ class MediaIngester:
                 self.stats.cache_misses += 1
                 self.stats.frames_decoded += n
                 self.stats.frames_encoded += n
+        if not cached:
+            total_s = time.monotonic() - t0
+            if self.observer is not None:
+                self.observer.media_ingested(n, total_s)
+            emit(IngestEvent("ingested", index, n, n, n / max(total_s, 1e-9), {**timings, "total": total_s}))
         return EncodedMedia(codes, timestamps, plan.spec, cached, plan.is_image)

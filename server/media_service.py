@@ -21,11 +21,11 @@ import logging
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from lwm_serve.server.errors import InvalidRequestError
-from lwm_serve.server.media_ingest import EncodedMedia, IngestEvent, IngestStats, MediaIngester
+from lwm_serve.server.media_ingest import EncodedMedia, IngestEvent, IngestObserver, IngestStats, MediaIngester
 from lwm_serve.server.media_plan import (IMAGE_SPEC, Budget, MediaRequest, PlannedMedia, budget_of, estimate_frames,
                                          fit_spec, media_error, share_frames, spec_text, too_long_error)
 from lwm_serve.server.media_sources import SourceResolver
-from lwm_serve.tokenizers import media_decode
+from lwm_serve.tokenizers import media_decode, vqgan_batch
 from lwm_serve.tokenizers.errors import MediaError
 from lwm_serve.tokenizers.vision_cache import VisionCache, cache_key
 from lwm_serve.tokenizers.vision_layout import FrameLayout, wrapper_length
@@ -50,12 +50,42 @@ class MediaService:
 
     def __init__(self, vqgan: Any, tokenizer: Any, cache: VisionCache, sources: SourceResolver, *,
                  layout: FrameLayout, context_limit: int, max_video_seconds: float | None = None,
-                 auto_fps: bool = False, max_pixels: int | None = None) -> None:
+                 auto_fps: bool = False, max_pixels: int | None = None, observer: IngestObserver | None = None,
+                 vqgan_batch: int | None = None) -> None:
         self.vqgan, self.cache, self.sources = vqgan, cache, sources
         self.layout, self.context_limit = layout, context_limit
         self.max_video_seconds, self.auto_fps, self.max_pixels = max_video_seconds, auto_fps, max_pixels
         self.wrapper_tokens = wrapper_length(tokenizer)
-        self.ingester = MediaIngester(vqgan, cache, max_video_seconds=max_video_seconds, max_pixels=max_pixels)
+        self.vqgan_batch = vqgan_batch
+        self._compiled: list[int] | None = None  # encode sizes `prepare` compiled
+        self.ingester = MediaIngester(vqgan, cache, max_video_seconds=max_video_seconds, max_pixels=max_pixels,
+                                      observer=observer)
+
+    def prepare(self) -> None:
+        """The warm-up's untimed half, which may run beside the model's own compiles: hash the
+        VQGAN's parameters (every cache key holds that hash; seconds for the real VQGAN) and
+        compile and run once the encode sizes every device uses (fixed: the batch and its
+        power-of-two tails; measured: the first two candidates, which every measurement times)."""
+        self.vqgan.identity  # noqa: B018  (a cached property)
+        vqgan_batch.compile_encode(self.vqgan, self._first_sizes())
+        self._compiled = self._first_sizes()
+
+    def _first_sizes(self) -> list[int]:
+        if self.vqgan_batch is None:
+            return list(vqgan_batch.CANDIDATES[:2])
+        return sorted({min(1 << k, self.vqgan_batch) for k in range(self.vqgan_batch.bit_length() + 1)})
+
+    def warm_up(self) -> dict[int, float]:
+        """Before the server says it is ready, with the model idle: `prepare` (unless done),
+        then, unless --vqgan-batch fixed the batch, measure the encode sizes and keep the
+        fastest (`tokenizers.vqgan_batch`). Returns the measured seconds of one call per
+        size ({} when fixed)."""
+        if self._compiled is None:
+            self.prepare()
+        if self.vqgan_batch is not None:
+            self.vqgan.batch_size = self.vqgan_batch
+            return {}
+        return dict(self.vqgan.tune_encode(compiled=self._compiled or ()).seconds)
 
     @property
     def stats(self) -> IngestStats:

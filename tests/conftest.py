@@ -190,6 +190,10 @@ class FakeVQGAN:
         level = np.round((pixels.mean(axis=(1, 2, 3)) + 1) * 1000).astype(np.int32)  # [N]
         return np.broadcast_to(level[:, None, None], (len(pixels), 16, 16)).copy()
 
+    def start_encode(self, pixels):
+        codes = self.encode_frames(pixels)
+        return lambda: codes
+
 
 @pytest.fixture(scope="session")
 def fake_vqgan() -> type[FakeVQGAN]:

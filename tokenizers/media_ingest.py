@@ -43,6 +43,7 @@ def encode_media(
     label: str | None = None,
     max_pixels: int | None = None,
     key: str | None = None,
+    timings: dict[str, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Media to VQGAN codes through the cache; on a miss, a streamed pipeline.
 
@@ -70,6 +71,10 @@ def encode_media(
         max_pixels: images / video frames of more pixels are refused before decoding.
         key: the entry's cache key when the caller has computed it already (the
             server's planner has: the key is computed once per request).
+        timings: on a miss, filled with the seconds the pipeline spent in each stage
+            ("decode", "preprocess", "vqgan"; they add up to its wall time). VQGAN
+            calls run while the next frames decode, so "vqgan" is the time the pipeline
+            waited for the VQGAN (its dispatch and what did not overlap with decoding).
 
     Returns:
         (codes [N, g, g] int32, timestamps [N] float64 seconds). N = 0 (the
@@ -83,7 +88,8 @@ def encode_media(
             if progress is not None:
                 progress("cached", len(hit[0]), len(hit[0]))
             return hit
-    codes, timestamps = _encode_stream(src, spec, vqgan, strategy, max_duration_s, progress, label, max_pixels)
+    codes, timestamps = _encode_stream(src, spec, vqgan, strategy, max_duration_s, progress, label, max_pixels,
+                                       timings)
     if cache is not None and key is not None and len(codes):
         cache.put(key, codes, timestamps)
     return codes, timestamps
@@ -91,8 +97,14 @@ def encode_media(
 
 def _encode_stream(src: Source, spec: SamplingSpec, vqgan: "VQGAN", strategy: str, max_duration_s: float | None,
                    progress: IngestProgress | None, label: str | None,
-                   max_pixels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Decode -> preprocess -> VQGAN, `vqgan.batch_size` frames at a time (see `encode_media`)."""
+                   max_pixels: int | None = None, timings: dict[str, float] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Decode -> preprocess -> VQGAN, `vqgan.batch_size` frames at a time (see `encode_media`).
+
+    A batch's VQGAN call is dispatched and its codes collected only after the next batch
+    is decoded: decoding (PyAV's threads) overlaps the VQGAN (XLA's), and at most one
+    batch is in flight, so memory stays O(batch).
+    """
     # Imported here: the cache itself needs neither PyAV nor JAX.
     from lwm_serve.tokenizers.media_decode import iter_media_frames, preprocess_frames
 
@@ -109,20 +121,30 @@ def _encode_stream(src: Source, spec: SamplingSpec, vqgan: "VQGAN", strategy: st
     codes: list[np.ndarray] = []
     batch: list[np.ndarray] = []
     done = 0
+    pending: list[Callable[[], np.ndarray]] = []  # the VQGAN call in flight (at most one)
+
+    def collect() -> None:
+        nonlocal done
+        if not pending:
+            return
+        t0 = time.perf_counter()
+        codes.append(np.asarray(pending.pop()(), np.int32))  # [B, g, g]: waits for the call
+        seconds["vqgan"] += time.perf_counter() - t0
+        done += len(codes[-1])
+        if progress is not None:
+            progress("encode", done, max(wanted, done))
 
     def flush() -> None:
-        nonlocal done
         t0 = time.perf_counter()
         pixels = preprocess_frames(batch, vqgan.cfg.resolution)  # [B, R, R, 3] float32
         batch.clear()  # the decoded frames go as soon as their pixels exist
         t1 = time.perf_counter()
-        codes.append(np.asarray(vqgan.encode_frames(pixels), np.int32))  # [B, g, g]
+        started = vqgan.start_encode(pixels)
         del pixels
         seconds["preprocess"] += t1 - t0
         seconds["vqgan"] += time.perf_counter() - t1
-        done += len(codes[-1])
-        if progress is not None:
-            progress("encode", done, max(wanted, done))
+        collect()  # the previous batch's codes; this one's computes while the next decodes
+        pending.append(started)
 
     start = time.perf_counter()
     frames = iter_media_frames(src, spec, strategy=strategy, max_duration_s=max_duration_s,  # type: ignore[arg-type]
@@ -136,11 +158,14 @@ def _encode_stream(src: Source, spec: SamplingSpec, vqgan: "VQGAN", strategy: st
                 flush()
         if batch:
             flush()
+        collect()
     total_s = time.perf_counter() - start
     seconds["decode"] = total_s - seconds["preprocess"] - seconds["vqgan"]
     n = len(timestamps)
     g = vqgan.cfg.grid
     out = np.concatenate(codes) if codes else np.zeros((0, g, g), np.int32)
+    if timings is not None:
+        timings.update(seconds)
     if n:
         name = label or ("<bytes>" if isinstance(src, (bytes, bytearray, memoryview)) else os.fspath(src))
         logger.info("encoded %s: %d frames in %.2f s (%.1f frames/s); %s", name, n, total_s, n / max(total_s, 1e-9),

@@ -31,22 +31,24 @@ module's restricted unpickler.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import math
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-logger = logging.getLogger(__name__)
+from lwm_serve.tokenizers.vqgan_params import (Params, _is_shape, check_params, init_params,  # noqa: F401
+                                               param_shapes, params_identity)
 
-Params = dict[str, Any]
+if TYPE_CHECKING:
+    from lwm_serve.tokenizers.vqgan_batch import EncodeTimes
+
+logger = logging.getLogger(__name__)
 
 _GROUPS = 32
 _EPS = 1e-6
@@ -268,124 +270,20 @@ def decode(params: Params, cfg: VQGANConfig, codes: jax.Array) -> jax.Array:
     return jnp.clip(_decoder(params["decoder"], cfg, h), -1, 1)
 
 
-def param_shapes(cfg: VQGANConfig) -> Params:
-    """The parameter tree's shapes (nested dict of tuples), mirroring the forward pass."""
-
-    def conv(k: int, cin: int, cout: int) -> Params:
-        return {"kernel": (k, k, cin, cout), "bias": (cout,)}
-
-    def norm(c: int) -> Params:
-        return {"scale": (c,), "bias": (c,)}
-
-    def resnet(cin: int, cout: int) -> Params:
-        p = {"GroupNorm_0": norm(cin), "Conv_0": conv(3, cin, cout), "GroupNorm_1": norm(cout),
-             "Conv_1": conv(3, cout, cout)}
-        if cin != cout:
-            p["Conv_2"] = conv(1, cin, cout)
-        return p
-
-    chans = [cfg.hidden_channels * m for m in cfg.channel_mult]
-    enc: Params = {"Conv_0": conv(3, cfg.num_channels, cfg.hidden_channels)}
-    c = cfg.hidden_channels
-    for level, out in enumerate(chans):
-        blk: Params = {}
-        for j in range(cfg.num_res_blocks):
-            blk[f"ResnetBlock_{j}"] = resnet(c, out)
-            c = out
-        if level != cfg.num_resolutions - 1:
-            blk["Downsample_0"] = {"Conv_0": conv(3, c, c)}
-        enc[f"DownsamplingBlock_{level}"] = blk
-    enc["MidBlock_0"] = {"ResnetBlock_0": resnet(c, c), "ResnetBlock_1": resnet(c, c)}
-    enc["GroupNorm_0"] = norm(c)
-    enc["Conv_1"] = conv(3, c, cfg.z_channels)
-
-    c = chans[-1]
-    dec: Params = {"Conv_0": conv(3, cfg.z_channels, c),
-                   "MidBlock_0": {"ResnetBlock_0": resnet(c, c), "ResnetBlock_1": resnet(c, c)}}
-    for k, level in enumerate(reversed(range(cfg.num_resolutions))):
-        blk = {}
-        for j in range(cfg.num_res_blocks + 1):
-            blk[f"ResnetBlock_{j}"] = resnet(c, chans[level])
-            c = chans[level]
-        if level != 0:
-            blk["Upsample_0"] = {"Conv_0": conv(3, c, c)}
-        dec[f"UpsamplingBlock_{k}"] = blk
-    dec["GroupNorm_0"] = norm(c)
-    dec["Conv_1"] = conv(3, c, cfg.num_channels)
-
-    return {
-        "encoder": enc,
-        "decoder": dec,
-        "quant_conv": conv(1, cfg.z_channels, cfg.quantized_embed_dim),
-        "post_quant_conv": conv(1, cfg.quantized_embed_dim, cfg.z_channels),
-        "quantize": {"embeddings": (cfg.num_embeddings, cfg.quantized_embed_dim)},
-    }
-
-
-def _is_shape(x: Any) -> bool:
-    return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
-
-
-def check_params(params: Params, cfg: VQGANConfig) -> None:
-    """Raise ValueError naming the first missing, extra or mis-shaped parameter."""
-    expected = jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=_is_shape)[0]
-    want = {jax.tree_util.keystr(k): s for k, s in expected}
-    got = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    missing = sorted(set(want) - set(got))
-    extra = sorted(set(got) - set(want))
-    if missing or extra:
-        raise ValueError(f"VQGAN params do not match the config: missing {missing[:5]}, unexpected {extra[:5]}")
-    for k, s in want.items():
-        if got[k] != s:
-            raise ValueError(f"VQGAN param {k} has shape {got[k]}, the config needs {s}")
-
-
-def init_params(cfg: VQGANConfig, seed: int = 0) -> Params:
-    """Random params (fan-in scaled normal convs, unit norms) for tests and benchmarks.
-
-    numpy's generator, not jax.random: ~150 leaves would be ~150 device dispatches.
-    """
-    rng = np.random.default_rng(seed)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=_is_shape)
-    out = []
-    for path, shape in leaves:
-        name = jax.tree_util.keystr(path)
-        if name.endswith("['scale']"):
-            out.append(np.ones(shape, np.float32))
-        elif name.endswith("['bias']"):
-            out.append(np.zeros(shape, np.float32))
-        elif name.endswith("['embeddings']"):
-            lim = 1.0 / shape[0]
-            out.append(rng.uniform(-lim, lim, shape).astype(np.float32))
-        else:
-            fan_in = math.prod(shape[:-1])
-            out.append((rng.standard_normal(shape) / math.sqrt(fan_in)).astype(np.float32))
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def params_identity(params: Params, cfg: VQGANConfig) -> str:
-    """sha256 hex of the config and every parameter's name, shape and bytes (cache keys)."""
-    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
-    for path, leaf in sorted(
-        ((jax.tree_util.keystr(p), v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0])
-    ):
-        arr = np.ascontiguousarray(np.asarray(leaf, dtype=np.float32))
-        h.update(f"{path}:{arr.shape}".encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------
 # batched, optionally data-parallel wrapper
 
 
 class VQGAN:
-    """Params + config, with fixed-size chunked (and optionally dp-sharded) batching.
+    """Params + config, with chunked (and optionally dp-sharded) batching.
 
     Every call pads its last chunk to a power of two (to `batch_size` when
     sharded), so encode/decode compile once per such size. With `shard=True` a chunk is split over all local
     devices along a `dp` mesh axis when `batch_size` divides by their count
-    (params replicated); otherwise it runs on one device.
+    (params replicated); otherwise it runs on one device. `tune_encode` replaces the
+    given `batch_size` by the measured best one for this device and, from then on,
+    splits each encode call into the measured sizes of least total time
+    (`tokenizers.vqgan_batch`).
     """
 
     def __init__(self, params: Params, cfg: VQGANConfig, batch_size: int = 8, shard: bool = False) -> None:
@@ -410,6 +308,28 @@ class VQGAN:
             self._in_sharding = None
             params = jax.device_put(params)
         self.params = params
+        self.encode_seconds: dict[int, float] | None = None  # measured per batch size (tune_encode)
+        self._encoders: dict[int, Any] = {}  # batch -> encode compiled ahead of time (compile_encode)
+
+    @property
+    def platform(self) -> str:
+        """The device kind the VQGAN runs on (cpu, gpu, tpu)."""
+        return jax.local_devices()[0].platform
+
+    def tune_encode(self, candidates: Sequence[int] | None = None, compiled: Sequence[int] = ()) -> "EncodeTimes":
+        """Measure the encode batch sizes on this device, keep the best (`vqgan_batch.measure_encode`).
+
+        Leaves every measured size compiled (the server calls it before it says it is ready).
+        `compiled`: sizes already compiled (`vqgan_batch.compile_encode`), only timed here.
+        Sharded wrappers keep their batch (it must divide over the devices).
+        """
+        from lwm_serve.tokenizers import vqgan_batch
+
+        if self.mesh is not None:
+            raise ValueError("a sharded VQGAN keeps its batch_size (it must divide over the devices)")
+        times = vqgan_batch.measure_encode(self, candidates or vqgan_batch.CANDIDATES, compiled)
+        self.batch_size, self.encode_seconds = times.batch, dict(times.seconds)
+        return times
 
     @classmethod
     def from_pickle(cls, path: str | Path, cfg: VQGANConfig | None = None, **kwargs: Any) -> VQGAN:
@@ -425,16 +345,28 @@ class VQGAN:
         """Stable hash of config + params, for cache keys."""
         return params_identity(jax.device_get(self.params), self.cfg)
 
-    def _chunks(self, x: np.ndarray) -> list[tuple[np.ndarray, int]]:
+    def _sizes(self, n: int, measured: dict[int, float] | None) -> list[int]:
+        """The call sizes for n items: the measured split, else full batches and a short last chunk
+        padded to the next power of two, not to the full batch (at most log2(batch) extra compiled
+        shapes; a 2-frame ask costs 2 frames of compute, not 8). Sharded chunks keep the full batch
+        so they still divide over the devices."""
+        if measured and self.mesh is None:
+            from lwm_serve.tokenizers.vqgan_batch import split_frames
+
+            return split_frames(n, measured)
+        full, rest = divmod(n, self.batch_size)
+        sizes = [self.batch_size] * full
+        if rest:
+            sizes.append(self.batch_size if self.mesh is not None else min(self.batch_size, 1 << (rest - 1).bit_length()))
+        return sizes
+
+    def _chunks(self, x: np.ndarray, measured: dict[int, float] | None = None) -> list[tuple[np.ndarray, int]]:
         out = []
-        for i in range(0, len(x), self.batch_size):
-            chunk = x[i : i + self.batch_size]
+        i = 0
+        for target in self._sizes(len(x), measured):
+            chunk = x[i : i + target]
             n = len(chunk)
-            # A short last chunk is padded to the next power of two, not to the
-            # full batch: at most log2(batch) extra compiled shapes, and a
-            # 2-frame ask costs 2 frames of compute, not 8. Sharded chunks keep
-            # the full batch so they still divide over the devices.
-            target = self.batch_size if self.mesh is not None else min(self.batch_size, 1 << (n - 1).bit_length())
+            i += n
             if n < target:
                 pad = np.zeros((target - n, *chunk.shape[1:]), chunk.dtype)
                 chunk = np.concatenate([chunk, pad])
@@ -453,14 +385,37 @@ class VQGAN:
         Returns:
             codes [N, g, g] int32 (numpy).
         """
+        return self.start_encode(frames)()
+
+    def start_encode(self, frames: np.ndarray) -> Callable[[], np.ndarray]:
+        """`encode_frames` without waiting: dispatches every chunk and returns the function
+        that waits for the codes (the caller decodes the next frames meanwhile)."""
         frames = np.asarray(frames, np.float32)
         g = self.cfg.grid
         if len(frames) == 0:
-            return np.zeros((0, g, g), np.int32)
+            return lambda: np.zeros((0, g, g), np.int32)
         results = [
-            (encode(self.params, self.cfg, self._put(chunk))[1], n) for chunk, n in self._chunks(frames)
+            (self._encode_chunk(chunk), n) for chunk, n in self._chunks(frames, self.encode_seconds)
         ]  # dispatch every chunk before waiting on any
-        return np.concatenate([np.asarray(c)[:n] for c, n in results])
+        return lambda: np.concatenate([np.asarray(c)[:n] for c, n in results])
+
+    def compile_encode(self, batch: int) -> None:
+        """Compile the encode of `batch` frames now, running nothing (start-up warm-up); calls
+        of that size then use it. A sharded wrapper compiles on first use instead."""
+        if batch in self._encoders or self.mesh is not None:
+            return
+        frames = jax.ShapeDtypeStruct((batch, self.cfg.resolution, self.cfg.resolution, self.cfg.num_channels),
+                                      jnp.float32)
+        self._encoders[batch] = encode.lower(self.params, self.cfg, frames).compile()
+
+    def _encode_chunk(self, chunk: np.ndarray) -> jax.Array:
+        compiled = self._encoders.get(len(chunk))
+        x = self._put(chunk)
+        return (compiled(self.params, x) if compiled is not None else encode(self.params, self.cfg, x))[1]
+
+    def encode_batch(self, frames: np.ndarray) -> np.ndarray:
+        """Encode exactly these frames in one call (one compiled shape; probes and warm-up)."""
+        return np.asarray(self._encode_chunk(np.asarray(frames, np.float32)))
 
     def decode_codes(self, codes: np.ndarray) -> np.ndarray:
         """Decode codes [N, g, g] to pixels [N, R, R, 3] float32 in [-1, 1]."""

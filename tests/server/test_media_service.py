@@ -160,3 +160,22 @@ def test_a_cut_event_stream_leaves_no_task_pending(tmp_path, long_clip, fake_vqg
     service.ingester._executor.submit(lambda: None).result(timeout=30)
     service.close()
     assert pending == []
+
+
+@pytest.mark.parametrize("fixed", [None, 3])
+def test_warm_up_compiles_and_measures_the_encode_sizes_before_any_request(tmp_path, reference_dir, fixed):
+    from lwm_serve.server.runtime import load_vqgan
+    from lwm_serve.tokenizers.vqgan_batch import CANDIDATES
+
+    vqgan = load_vqgan(reference_dir / "vqgan" / "vqgan_params.pkl")  # a fresh wrapper: warm-up changes it
+    service = MediaService(vqgan, FakeTokenizer(), vc.VisionCache(tmp_path / "cache"), None,  # type: ignore[arg-type]
+                           layout="standard", context_limit=1 << 20, vqgan_batch=fixed)
+    service.prepare()  # beside the model's compiles: the identity hash and the first sizes
+    assert "identity" in vqgan.__dict__  # the cached property was computed
+    measured = service.warm_up()
+    if fixed is None:
+        assert set(CANDIDATES[:2]) <= set(measured) <= set(CANDIDATES)
+        assert vqgan.batch_size in measured and vqgan.encode_seconds == measured
+    else:  # the batch and its padded power-of-two tails compiled, nothing measured
+        assert measured == {} and vqgan.batch_size == 3 and vqgan.encode_seconds is None
+        assert service._first_sizes() == [1, 2, 3]

@@ -111,6 +111,39 @@ def test_stream_sends_progress_then_deltas_then_done(server, auth_headers, serve
     assert chunks[-1].media.kind == "image" and [f.timestamp for f in chunks[-1].media.frames] == [0.0]
 
 
+def test_ingest_reports_its_stage_seconds_and_feeds_the_metrics(server, auth_headers, server_media, read_metrics):
+    clip = server_media / "h264.mp4"
+    fields = {"question": QUESTION, "max_frames": "2", "max_tokens": "2", "temperature": "0", "stream": "true"}
+    frames_metric = ("lwm:video_frames_ingested_total", ())
+    count_metric = ("lwm:video_ingest_seconds_count", ())
+    sum_metric = ("lwm:video_ingest_seconds_sum", ())
+    before = read_metrics(server.base_url)
+
+    def ask() -> list[dict]:
+        with httpx.stream("POST", f"{server.base_url}/v1/video/questions", data=fields,
+                          files={"file": ("clip.mp4", clip.read_bytes(), "video/mp4")}, headers=auth_headers,
+                          timeout=300) as r:
+            assert r.status_code == 200
+            return [json.loads(d) for name, d in _events(list(r.iter_lines())) if name == "progress"]
+
+    progress = ask()
+    (done,) = [p for p in progress if p["stage"] == "ingested"]
+    stages = [p["stage"] for p in progress]
+    assert stages.index("ingested") > max(i for i, s in enumerate(stages) if s == "encode")
+    assert done["done"] == done["total"] == 2 and set(done["seconds"]) == {"decode", "preprocess", "vqgan", "total"}
+    parts = done["seconds"]["decode"] + done["seconds"]["preprocess"] + done["seconds"]["vqgan"]
+    assert parts <= done["seconds"]["total"] + 0.01 and min(done["seconds"].values()) >= 0
+    after = read_metrics(server.base_url)
+    assert after[frames_metric] - before.get(frames_metric, 0) == 2
+    assert after[count_metric] - before.get(count_metric, 0) == 1
+    assert after[sum_metric] - before.get(sum_metric, 0) == pytest.approx(done["seconds"]["total"], abs=0.05)
+
+    again = ask()  # the same video and sampling: codes from the cache, nothing ingested
+    assert [p["stage"] for p in again][0] == "cached" and "ingested" not in [p["stage"] for p in again]
+    final = read_metrics(server.base_url)
+    assert final[frames_metric] == after[frames_metric] and final[count_metric] == after[count_metric]
+
+
 @pytest.mark.parametrize("fields, upload, status, param, says", [
     ({"max_tokens": "2"}, "h264.mp4", 400, "question", "'question' is a required property"),
     ({"question": "q"}, None, 400, "file", "'file'"),
