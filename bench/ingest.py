@@ -20,11 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -32,7 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lwm_serve.tokenizers import media_decode as md
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import roofline  # noqa: E402
+from lwm_serve.tokenizers import media_decode as md  # noqa: E402
 from lwm_serve.tokenizers import media_ingest
 from lwm_serve.tokenizers import vision_cache as vc
 from lwm_serve.tokenizers import vqgan as vq
@@ -101,16 +101,6 @@ def vqgan_rates(model_params, cfg: vq.VQGANConfig, batches=(1, 2, 4, 8)) -> dict
         t, _ = timed(lambda: jax.block_until_ready(compiled(model_params, x)), repeat=reps)
         out[b] = b / t
     return {"frames_per_s": out, "flops_per_frame": flops_per_frame}
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,14 +194,14 @@ def main(argv: list[str] | None = None) -> None:
                                    f"= {t_first / t_second:.0f}x faster"),
     ]
     width = max(len(k) for k, _ in rows)
-    print(f"\ningest on {device.platform}:{device.device_kind} ({os.cpu_count()} CPUs), git {git_sha()}")
+    print(f"\ningest on {device.platform}:{device.device_kind} ({os.cpu_count()} CPUs), git {roofline.git_sha()}")
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
     print(json.dumps({
         "bench": "ingest",
         "device": f"{device.platform}:{device.device_kind}",
         "n_devices": jax.device_count(),
-        "git_sha": git_sha(),
+        "git_sha": roofline.git_sha(),
         "config": {"clip_minutes": args.minutes, "width": W, "height": H, "fps": FPS, "gop_s": GOP_S,
                    "sample_fps": args.fps_sample, "vqgan": cfg.to_dict()},
         "figures": {

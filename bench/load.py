@@ -23,11 +23,8 @@ import argparse
 import asyncio
 import json
 import logging
-import socket
-import statistics
-import subprocess
+import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,38 +33,11 @@ import av
 import httpx
 import jax
 import numpy as np
-import uvicorn
 
-from lwm_serve.server.app import build_app
 from lwm_serve.server.config import ServerSettings
 
-
-def git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=10)
-        return out.stdout.strip() or "uncommitted"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def start(settings: ServerSettings) -> tuple[str, uvicorn.Server, threading.Thread]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(settings), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 1800
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/ready", timeout=5).status_code == 200:
-                return base, server, thread
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("the server did not become ready")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve import git_sha, start  # noqa: E402  (the same in-process server as bench/serve.py)
 
 
 def pct(xs: list[float], q: float) -> float:

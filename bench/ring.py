@@ -30,7 +30,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -104,14 +103,6 @@ def prefill_flops_per_token(t: int) -> float:
     weights = 2 * layers * (4 * h * h + 3 * h * m) + 2 * h * CFG.vocab_size / t  # last-token head
     attention = 2 * 2 * layers * h * t / 2
     return weights + attention
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=os.path.dirname(__file__)).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -189,7 +180,7 @@ def main() -> None:
                        default=0) for sp in (1, 2, 4, 8)}
     print("largest length that fits per sp:", largest)
     print(json.dumps(dict(bench="ring", device=f"{jax.device_count()}x{jax.devices()[0].device_kind}",
-                          cores=os.cpu_count(), git=git_sha(), budget_bytes=budget,
+                          cores=os.cpu_count(), git=roofline.git_sha(), budget_bytes=budget,
                           matmul_roof_flops=roof, matmul_roof_flops_per_cpu_s=cpu_roof,
                           memory_bandwidth_Bps=bandwidth,
                           config=dict(hidden=CFG.hidden_size, layers=CFG.num_hidden_layers,
@@ -212,7 +203,7 @@ def main() -> None:
                                bandwidth=cpu_bandwidth if cpu else bandwidth,
                                title=f"RingAttention prefill, hidden {CFG.hidden_size} x {CFG.num_hidden_layers}, "
                                      f"fp32, {jax.device_count()} simulated devices on {os.cpu_count()} cores, "
-                                     f"{git_sha()}: " + ("FLOPs per CPU-second against roofs measured in CPU seconds"
+                                     f"{roofline.git_sha()}: " + ("FLOPs per CPU-second against roofs measured in CPU seconds"
                                                            if cpu else "wall clock against roofs measured")
                                      + " in the same run; % of the roof under each point")
         print(f"roofline plot written to {args.plot}")

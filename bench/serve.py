@@ -53,7 +53,9 @@ def git_sha() -> str:
         return "unknown"
 
 
-def start(settings: ServerSettings, runtime: Any) -> tuple[str, uvicorn.Server, threading.Thread]:
+def start(settings: ServerSettings, runtime: Any = None) -> tuple[str, uvicorn.Server, threading.Thread]:
+    """uvicorn on 127.0.0.1 at a free port in a thread; returns once /ready says so (runtime None:
+    the app loads the model of `settings` itself)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
