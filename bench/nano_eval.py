@@ -27,7 +27,7 @@ import sys
 
 from lwm_serve.nano.eval_report import format_summary
 from lwm_serve.nano.evaluate import PATHS, evaluate, off_centre
-from lwm_serve.nano.local_server import running_server
+from lwm_serve.server.local import running_server
 
 TRANSFORMS = {"off-centre": off_centre}
 

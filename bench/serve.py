@@ -9,10 +9,10 @@ model (or --model/--tokenizer), then:
   the same number of tokens (ignore_eos), measuring per-client TTFT (first token
   chunk) and the aggregate tokens/s over the wall time.
 
-The engine runs requests one after another (continuous batching is a later
-issue), so the ideal served aggregate equals the direct single-stream speed;
-`overhead` = direct tok/s / served aggregate tok/s (1.0 = no HTTP cost). Prints a
-table and one JSON line (device, git sha, config, figures).
+`overhead` = direct single-stream tok/s / served aggregate tok/s: at one client it
+is the cost of HTTP and the engine's bookkeeping (1.0 = none); with more clients the
+engine batches them, so it falls below 1 (`bench/load.py` measures that scaling).
+Prints a table and one JSON line (device, git sha, config, figures).
 
     .venv/bin/python bench/serve.py [--max-tokens 64] [--concurrency 1,4,16]
 """
@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import logging
-import socket
 import statistics
 import subprocess
 import threading
@@ -39,6 +38,7 @@ from lwm_serve.model.generation import PromptRow, seed_key
 from lwm_serve.model.sampling import SamplingParams
 from lwm_serve.server.app import build_app, load_runtime_for
 from lwm_serve.server.config import ServerSettings
+from lwm_serve.server.local import start_in_thread
 from lwm_serve.tokenizers.chat_template import chat_prompt
 
 QUESTION = "Describe what happens in the video, step by step, in plain words."
@@ -54,24 +54,10 @@ def git_sha() -> str:
 
 
 def start(settings: ServerSettings, runtime: Any = None) -> tuple[str, uvicorn.Server, threading.Thread]:
-    """uvicorn on 127.0.0.1 at a free port in a thread; returns once /ready says so (runtime None:
-    the app loads the model of `settings` itself)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(settings, runtime), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/ready", timeout=5).status_code == 200:
-                return base, server, thread
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError("server not ready")
+    """The real app in this process (`server.local.start_in_thread`); returns once /ready says so
+    (runtime None: the app loads the model of `settings` itself)."""
+    local = start_in_thread(build_app(settings, runtime), ready_timeout_s=600)
+    return local.base_url, local.server, local.thread
 
 
 def direct(runtime: Any, max_tokens: int, repeats: int) -> dict[str, float]:
@@ -165,7 +151,7 @@ def main() -> None:
         row["overhead_vs_direct"] = d["tok_s"] / row["agg_tok_s"] if row["agg_tok_s"] else float("inf")
         print(f"{row['clients']:>7} {row['ttft_p50_s'] * 1e3:>12.1f} {row['ttft_max_s'] * 1e3:>12.1f} "
               f"{row['agg_tok_s']:>10.1f} {row['per_client_tok_s']:>17.1f} {row['overhead_vs_direct']:>9.2f}")
-    print("overhead = direct end-to-end tok/s / served aggregate tok/s (requests run one after another)")
+    print("overhead = direct end-to-end tok/s / served aggregate tok/s (clients are batched by the engine)")
     print(json.dumps({"bench": "serve", "device": f"{device.platform}:{device.device_kind}",
                       "devices": jax.device_count(), "git": git_sha(), "model": runtime.model_name,
                       "config": {"layers": runtime.cfg.num_hidden_layers, "hidden": runtime.cfg.hidden_size,

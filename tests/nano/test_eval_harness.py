@@ -17,7 +17,7 @@ import pytest
 from lwm_serve.nano import evaluate as ev
 from lwm_serve.nano import questions, world
 from lwm_serve.nano.eval_report import KINDS, Answer, Drawing, EvalReport, format_summary
-from lwm_serve.nano.local_server import running_server
+from lwm_serve.server.local import running_server
 from lwm_serve.tokenizers.media_decode import decode_media, preprocess_frame
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,7 +104,7 @@ def test_a_wrong_key_is_a_clear_error(server: str) -> None:
 
 
 def test_server_flags_are_parsed_as_lwm_serve_parses_them() -> None:
-    from lwm_serve.nano.local_server import settings_from_flags
+    from lwm_serve.server.local import settings_from_flags
 
     settings = settings_from_flags("demo", ["--frame-layout", "vision_chat", "--max-num-seqs", "3", "--port", "9"])
     assert (settings.model, settings.frame_layout, settings.max_num_seqs) == ("demo", "vision_chat", 3)

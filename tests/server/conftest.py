@@ -8,22 +8,18 @@ server (uvicorn on 127.0.0.1, a free port, in a background thread) per need:
 from __future__ import annotations
 
 import json
-import socket
 import tempfile
-import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import httpx
 import jsonschema
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from lwm_serve.server.app import build_app
 from lwm_serve.server.config import ServerSettings
+from lwm_serve.server.local import LocalServer, start_in_thread
 from lwm_serve.server.runtime import Runtime, load_runtime
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "fixtures" / "openai" / "schemas.json"
@@ -61,12 +57,8 @@ def hooked_runtime(fixture_runtime: Runtime) -> Callable[[Callable[[], None]], R
     return lambda before_step: dataclasses.replace(fixture_runtime, step_hook=before_step)
 
 
-@dataclass
-class LiveServer:
-    app: FastAPI
-    base_url: str
-    server: uvicorn.Server
-    thread: threading.Thread
+class LiveServer(LocalServer):
+    """A test server, with the running app's parts at hand."""
 
     @property
     def engine(self):  # noqa: ANN201 - the Engine of the running app
@@ -84,34 +76,11 @@ class LiveServer:
     def data_dir(self) -> Path:
         return self.app.state.settings.resolved_data_dir()
 
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
 
 def start_server(app: FastAPI, *, ready_timeout: float = 300.0, wait_for: str = "/ready") -> LiveServer:
     """Runs `app` under uvicorn on 127.0.0.1:<free port> in a thread; waits for `wait_for` (200)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if not thread.is_alive():
-            raise RuntimeError("the server thread died during startup")
-        try:
-            if httpx.get(f"{base}{wait_for}", timeout=5).status_code == 200:
-                return LiveServer(app, base, server, thread)
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    server.should_exit = True
-    raise TimeoutError("the server did not become ready")
+    local = start_in_thread(app, ready_timeout_s=ready_timeout, wait_for=wait_for)
+    return LiveServer(local.app, local.base_url, local.server, local.thread)
 
 
 _DATA_ROOT: list[Path] = []
