@@ -78,11 +78,13 @@ def device_description() -> str:
 
 
 def git_sha() -> str:
+    """The commit the figures belong to (`-dirty` when the tree has uncommitted changes)."""
     try:
         root = Path(__file__).resolve().parents[1]
-        return subprocess.check_output(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                                       text=True, stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
+        out = subprocess.check_output(["git", "-C", str(root), "describe", "--always", "--dirty"],
+                                      text=True, stderr=subprocess.DEVNULL, timeout=10).strip()
+        return out or "unknown"
+    except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 

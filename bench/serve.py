@@ -24,10 +24,8 @@ import asyncio
 import json
 import logging
 import statistics
-import subprocess
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -40,17 +38,9 @@ from lwm_serve.server.app import build_app, load_runtime_for
 from lwm_serve.server.config import ServerSettings
 from lwm_serve.server.local import start_in_thread
 from lwm_serve.tokenizers.chat_template import chat_prompt
+from roofline import git_sha  # bench/ is the script's folder
 
 QUESTION = "Describe what happens in the video, step by step, in plain words."
-
-
-def git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=10)
-        return out.stdout.strip() or "uncommitted"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def start(settings: ServerSettings, runtime: Any = None) -> tuple[str, uvicorn.Server, threading.Thread]:

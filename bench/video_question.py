@@ -48,6 +48,8 @@ import av
 import httpx
 import numpy as np
 
+import roofline  # bench/ is the script's folder
+
 # The reference (LWM's own vision_chat code, bench-150m-shaped params, the real-size VQGAN,
 # an 8-frame 640x360 clip, 64 new tokens) measured on this machine (issue 16).
 REFERENCE = {"cold_s": 77.9, "vqgan_s": 19.8, "prefill_s": 9.5, "generation_s": 32.8, "tok_s": 1.92,
@@ -55,15 +57,6 @@ REFERENCE = {"cold_s": 77.9, "vqgan_s": 19.8, "prefill_s": 9.5, "generation_s": 
 TARGETS = {"new_video_s": REFERENCE["cold_s"] / 4, "same_video_s": REFERENCE["cold_s"] / 10}
 QUESTION = "What happens in this video? Describe it step by step."
 FOLLOW_UP = "What changes between the first and the last frame?"
-
-
-def git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def make_clip(path: Path, seconds: float, width: int, height: int, seed: int, fps: int = 30) -> None:
@@ -138,20 +131,9 @@ def standalone_vqgan_s_per_frame(quick: bool, batch: int, repeats: int = 2) -> f
     return best / batch
 
 
-def matmul_roof(n: int = 2048, iters: int = 5) -> float:
-    """fp32 matmul GFLOP/s measured now, best of `iters` (the roof of conv-heavy VQGAN work)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+def matmul_roof(n: int = 2048) -> float:
+    """fp32 matmul GFLOP/s measured now (the roof of conv-heavy VQGAN work)."""
+    return roofline.matmul_peak(n) / 1e9
 
 
 def free_port() -> int:
@@ -352,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = jax.devices()[0]
     cold_launch_s = ready_s + asks["cold"]["wall_s"]
-    print(f"\nvideo question on {device.platform}:{device.device_kind} ({os.cpu_count()} CPUs), git {git_sha()}; "
+    print(f"\nvideo question on {device.platform}:{device.device_kind} ({os.cpu_count()} CPUs), git {roofline.git_sha()}; "
           f"{'demo model + demo VQGAN' if quick else args.model_config + ' dummy weights + real-size VQGAN'}, "
           f"{width}x{height} clips, {max_frames or 8} frames, {max_tokens} new tokens, greedy, ignore_eos")
     print(f"  launch -> ready           {ready_s:8.2f} s")
@@ -392,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     for a in asks.values():
         del a["text"]
     print(json.dumps({
-        "bench": "video_question", "device": f"{device.platform}:{device.device_kind}", "git_sha": git_sha(),
+        "bench": "video_question", "device": f"{device.platform}:{device.device_kind}", "git_sha": roofline.git_sha(),
         "config": {"quick": quick, "model": "demo" if quick else args.model_config, "frames": max_frames or 8,
                    "width": width, "height": height, "max_tokens": max_tokens, "frame_layout": "vision_chat",
                    "server_argv": cmd[1:]},

@@ -85,27 +85,26 @@ class ImagesResponse(ResponseModel):
     usage: ImageGenUsage
 
 
-class ImagePartialEvent(ResponseModel):
+class _ImageStreamEvent(ResponseModel):
+    """The fields OpenAI's two image-generation stream events share."""
+
+    b64_json: str
+    created_at: int
+    size: str
+    quality: Literal["auto"] = "auto"
+    background: Literal["opaque"] = "opaque"
+    output_format: ImageOutputFormat
+
+
+class ImagePartialEvent(_ImageStreamEvent):
     """OpenAI's ImageGenPartialImageEvent: the code rows sampled so far, the rest black."""
 
     type: Literal["image_generation.partial_image"] = "image_generation.partial_image"
-    b64_json: str
-    created_at: int
-    size: str
-    quality: Literal["auto"] = "auto"
-    background: Literal["opaque"] = "opaque"
-    output_format: ImageOutputFormat
     partial_image_index: int
 
 
-class ImageCompletedEvent(ResponseModel):
+class ImageCompletedEvent(_ImageStreamEvent):
     """OpenAI's ImageGenCompletedEvent."""
 
     type: Literal["image_generation.completed"] = "image_generation.completed"
-    b64_json: str
-    created_at: int
-    size: str
-    quality: Literal["auto"] = "auto"
-    background: Literal["opaque"] = "opaque"
-    output_format: ImageOutputFormat
     usage: ImageGenUsage
