@@ -257,15 +257,23 @@ class SlotPool:
         fed row writes its next slot and advances; the caller checks that rows
         have room (`room`).
         """
-        rows, read, feed, active = self._decode_inputs(tokens)
+        rows, read, feed, positions, active = self._decode_inputs(tokens)
         logits, self.pool = steps.decode_rows(
-            self.params, self.cfg, jnp.asarray(feed), jnp.asarray(self.position[:rows]),
+            self.params, self.cfg, jnp.asarray(feed), jnp.asarray(positions),
             jnp.asarray(active[:rows]), self.pool, head, self.mesh, read)
         self._advance(rows, active)
         return logits
 
-    def _decode_inputs(self, tokens: dict[int, int]) -> tuple[int, int | None, np.ndarray, np.ndarray]:
-        """(rows R run, slots read, the [R] fed tokens, the [num_slots] active mask) of a step."""
+    def _decode_inputs(self, tokens: dict[int, int]) -> tuple[int, int | None, np.ndarray, np.ndarray, np.ndarray]:
+        """(rows R run, slots read, the [R] fed tokens, the [R] positions, the [num_slots] active
+        mask) of a step.
+
+        Every array is a fresh one that nothing writes to later. On the CPU, JAX may
+        use a host array's memory without copying it and read it only when the step
+        runs, after earlier steps finish: handing it a view of `self.position`, which
+        `_advance` then bumps in place, made a queued step read the next positions
+        (wrong logits, at random; jax-ml/jax#37830).
+        """
         active = np.zeros(self.num_slots, bool)
         active[list(tokens)] = True
         if self.mesh is None:
@@ -276,7 +284,7 @@ class SlotPool:
         feed = np.zeros(rows, np.int32)
         for row, tok in tokens.items():
             feed[row] = tok
-        return rows, read, feed, active
+        return rows, read, feed, self.position[:rows].copy(), active
 
     def _advance(self, rows: int, active: np.ndarray) -> None:
         self.index[:rows] += 1
@@ -287,11 +295,11 @@ class SlotPool:
 
         Returns {"text": [R, V], "vision": [R, V_vision]} (each row reads its head's).
         """
-        rows, read, feed, active = self._decode_inputs(tokens)
+        rows, read, feed, positions, active = self._decode_inputs(tokens)
         is_vision = np.zeros(rows, bool)
         is_vision[list(vision_rows)] = True
         text, vision, self.pool = steps.decode_rows_mixed(
-            self.params, self.cfg, jnp.asarray(feed), jnp.asarray(is_vision), jnp.asarray(self.position[:rows]),
+            self.params, self.cfg, jnp.asarray(feed), jnp.asarray(is_vision), jnp.asarray(positions),
             jnp.asarray(active[:rows]), self.pool, self.mesh, read)
         self._advance(rows, active)
         return {"text": text, "vision": vision}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from typing import Any, Sequence
 
@@ -319,24 +318,8 @@ def plan(argv: list[str]) -> int:
     return int(result or 0)
 
 
-# XLA:CPU's multi-threaded Eigen gives wrong, run-to-run different logits in the
-# engine's in-place slot-pool decode (tests/model/test_runner.py: a pool row differs
-# from the same request alone by up to 1.1 in one process out of ~4; single-threaded
-# Eigen never did). Correct numbers first: it is off on the CPU backend until the
-# race is found. Accelerators are unaffected (the flag only touches XLA:CPU).
-CPU_SAFE_XLA_FLAG = "--xla_cpu_multi_thread_eigen=false"
-
-
-def use_cpu_safe_xla_flags() -> None:
-    """Add CPU_SAFE_XLA_FLAG to XLA_FLAGS (before the first JAX backend starts)."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_multi_thread_eigen" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {CPU_SAFE_XLA_FLAG}".strip()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `lwm-serve`; returns the exit status."""
-    use_cpu_safe_xla_flags()
     args_list = list(sys.argv[1:] if argv is None else argv)
     if not args_list or (args_list[0] not in COMMANDS and args_list[0] not in ("-h", "--help")):
         args_list = ["serve", *args_list]

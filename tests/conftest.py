@@ -7,12 +7,7 @@ dense paths simply use the first one.
 
 import os
 
-# Single-threaded Eigen as the server runs XLA:CPU (server/cli.py CPU_SAFE_XLA_FLAG:
-# multi-threaded Eigen races in the slot pool's in-place decode).
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    + " --xla_cpu_multi_thread_eigen=false"
-).strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from pathlib import Path  # noqa: E402

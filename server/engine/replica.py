@@ -78,6 +78,7 @@ class Op(enum.IntEnum):
     DROP = 11     # payload: task ids
     STOP = 12
     PRECOMPILE = 13  # fields: head
+    DECODE_MIXED = 14  # fields: k; payload: rows[k], tokens[k], is_vision[k]
 
 
 class ReplicaLostError(SchedulerClosedError):
@@ -384,6 +385,13 @@ class ReplicatedSlotPool(SlotPool):
         self._leader.send(Op.DECODE, (HEADS.index(head), len(rows)), np.concatenate([rows, feed]))
         return to_local(super().decode(tokens, head))
 
+    def decode_mixed(self, tokens: dict[int, int], vision_rows: set[int]) -> dict[Head, jax.Array]:
+        rows = np.asarray(list(tokens), np.int32)
+        feed = np.asarray([tokens[r] for r in rows], np.int32)
+        is_vision = np.asarray([r in vision_rows for r in rows.tolist()], np.int32)
+        self._leader.send(Op.DECODE_MIXED, (len(rows),), np.concatenate([rows, feed, is_vision]))
+        return {head: to_local(x) for head, x in super().decode_mixed(tokens, vision_rows).items()}
+
 
 # ---------------------------------------------------------------------------- follower
 
@@ -463,6 +471,13 @@ class Follower:
         elif op is Op.DECODE:
             head, k = f[:2]
             to_local(self.pool.decode(dict(zip(payload[:k].tolist(), payload[k:2 * k].tolist())), HEADS[head]))
+        elif op is Op.DECODE_MIXED:
+            k = f[0]
+            rows = payload[:k].tolist()
+            out = self.pool.decode_mixed(dict(zip(rows, payload[k:2 * k].tolist())),
+                                         {r for r, v in zip(rows, payload[2 * k:3 * k].tolist()) if v})
+            for x in out.values():
+                to_local(x)
         elif op is Op.PRECOMPILE:
             self.pool.precompile(HEADS[f[0]])
         elif op is Op.PIN:

@@ -91,3 +91,30 @@ def test_rows_are_independent_in_the_pool(model):
     alone.insert(_run(alone, b), 0)
     single = np.asarray(alone.decode({0: 9}))
     np.testing.assert_allclose(both[3], single[0], atol=FP32_TOL, rtol=0)
+
+
+def test_a_decode_step_owns_its_host_inputs(model):
+    """The positions a step is given are not a view of the pool's host mirror: on the CPU,
+    JAX may read a host array only when the queued step runs, after `_advance` has
+    bumped the mirror in place (jax-ml/jax#37830: that gave wrong logits at random)."""
+    pool = _pool(model, prefix=False)
+    pool.insert(_run(pool, np.arange(3, 43)), 1)
+    _, _, feed, positions, active = pool._decode_inputs({1: 5})
+    assert positions.tolist() == pool.position[: len(positions)].tolist()
+    assert not np.shares_memory(positions, pool.position)
+
+
+def test_decode_right_after_inserts_sees_the_inserted_rows(model):
+    """Inserts and a decode queued back to back, never waited for in between (as the engine
+    runs them), give the same logits every time."""
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(3, 128, 200), rng.integers(3, 128, 40)
+    results = []
+    for _ in range(6):
+        pool = _pool(model, prefix=False)
+        ta, tb = _run(pool, a), _run(pool, b)
+        pool.insert(ta, 0)
+        pool.insert(tb, 3)
+        results.append(np.asarray(pool.decode({0: 5, 3: 9}))[[0, 3]])
+    for other in results[1:]:
+        np.testing.assert_array_equal(other, results[0])

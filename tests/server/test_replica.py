@@ -51,11 +51,52 @@ def test_follower_replay_ends_with_the_leaders_pool_and_prefix_cache(fixture_run
 
     ops = [replica.Op(int(h[0])) for h in sent if len(h) == 8]
     assert ops[-1] is replica.Op.STOP and {replica.Op.START, replica.Op.DECODE, replica.Op.KEEP} <= set(ops)
-    monkeypatch.setattr(replica.multihost_utils, "broadcast_one_to_all", lambda x: sent.popleft())
-    follower = replica.Follower(fixture_runtime.generator)
-    follower.run()
-    assert not sent  # everything sent was consumed, in order
+    follower = _replay(sent, fixture_runtime, monkeypatch)
+    _assert_same_pool(engine, follower)
+    lead_stats, follow_stats = engine.prefix_cache.stats(), follower.prefix.stats()
+    assert lead_stats == follow_stats and lead_stats.hit_tokens > 0
+    assert [e.ids.tolist() for e in engine.prefix_cache._entries.values()] == \
+        [e.ids.tolist() for e in follower.prefix._entries.values()]
+    # Tasks the leader let go of were dropped by the follower too.
+    assert not follower.tasks
 
+
+def test_chat_rows_decoding_beside_a_drawing_replay_on_the_follower(vision_runtime, make_server, auth_headers,
+                                                                     monkeypatch):
+    """A step over text and vision rows at once (`decode_mixed`) is an op of its own."""
+    sent: collections.deque[np.ndarray] = collections.deque()
+    monkeypatch.setattr(replica.multihost_utils, "broadcast_one_to_all",
+                        lambda x: sent.append(np.array(x, copy=True)) or np.asarray(x))
+    leader = replica.Leader(heartbeat_s=0.2, watch_s=0)
+    server = make_server(dataclasses.replace(vision_runtime, replica=leader), warmup=False)
+    drawing = None
+    with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", headers=auth_headers, timeout=300,
+                      json={"model": "lwm-fixture", "max_tokens": 400, "ignore_eos": True, "temperature": 0,
+                            "stream": True, "messages": [{"role": "user", "content": LONG}]}) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if drawing is None and line.startswith("data: ") and '"content"' in line:
+                # the chat has hundreds of tokens left: the drawing decodes beside it
+                drawing = httpx.post(f"{server.base_url}/v1/images/generations", headers=auth_headers,
+                                     timeout=300, json={"prompt": "a red square", "seed": 5})
+    assert drawing is not None and drawing.status_code == 200, drawing and drawing.text
+    engine = server.app.state.services.engine
+    server.stop()
+    ops = [replica.Op(int(h[0])) for h in sent if len(h) == 8]
+    assert replica.Op.DECODE_MIXED in ops
+    _assert_same_pool(engine, _replay(sent, vision_runtime, monkeypatch))
+
+
+def _replay(sent: collections.deque, runtime, monkeypatch) -> replica.Follower:
+    """A follower that replays everything the leader sent; checks it consumed all of it, in order."""
+    monkeypatch.setattr(replica.multihost_utils, "broadcast_one_to_all", lambda x: sent.popleft())
+    follower = replica.Follower(runtime.generator)
+    follower.run()
+    assert not sent
+    return follower
+
+
+def _assert_same_pool(engine, follower: replica.Follower) -> None:
     mine, theirs = engine.pool, follower.pool
     assert (mine.num_slots, mine.max_length) == (theirs.num_slots, theirs.max_length)
     np.testing.assert_array_equal(mine.index, theirs.index)
@@ -67,12 +108,6 @@ def test_follower_replay_ends_with_the_leaders_pool_and_prefix_cache(fixture_run
     for a, b in zip((*mine.pool.k, *mine.pool.v), (*theirs.pool.k, *theirs.pool.v)):
         a, b = np.moveaxis(np.asarray(a), 2, 1), np.moveaxis(np.asarray(b), 2, 1)  # [B, S, K, D]
         np.testing.assert_array_equal(a[valid], b[valid])
-    lead_stats, follow_stats = engine.prefix_cache.stats(), follower.prefix.stats()
-    assert lead_stats == follow_stats and lead_stats.hit_tokens > 0
-    assert [e.ids.tolist() for e in engine.prefix_cache._entries.values()] == \
-        [e.ids.tolist() for e in follower.prefix._entries.values()]
-    # Tasks the leader let go of were dropped by the follower too.
-    assert not follower.tasks
 
 
 def test_a_collective_that_never_returns_is_cut_short_by_the_watchdog(fixture_runtime, make_server,
