@@ -53,9 +53,10 @@ def git_sha() -> str:
         return "unknown"
 
 
-def start(settings: ServerSettings, runtime: Any = None) -> tuple[str, uvicorn.Server, threading.Thread]:
+def start(settings: ServerSettings, runtime: Any = None,
+          ready_timeout_s: float = 600) -> tuple[str, uvicorn.Server, threading.Thread]:
     """uvicorn on 127.0.0.1 at a free port in a thread; returns once /ready says so (runtime None:
-    the app loads the model of `settings` itself)."""
+    the app loads the model of `settings` itself; the warm-up compiles every shape first)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -63,7 +64,7 @@ def start(settings: ServerSettings, runtime: Any = None) -> tuple[str, uvicorn.S
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{base}/ready", timeout=5).status_code == 200:

@@ -27,7 +27,8 @@ request (a follow-up question on a kept video above all) waits for a compile:
   the chunk, and the chunk;
 * scratch lengths (slots of a one-row prefill cache): the chunk times 1, 2, 3,
   4, 6, 8, 12, ... (two per octave), capped at the pool's row length.
-  `prefill_lengths()` lists them; a kept prefix is resized between any two.
+  `prefill_lengths()` lists them; a kept prefix is copied into a scratch at
+  least as long as itself.
 
 Chunk plan (`chunk_plan`): a prompt of n tokens is prefilled in whole chunks;
 the rest is one piece that *ends* at the prompt's last token and starts inside
@@ -269,7 +270,10 @@ class SlotPool:
         reuse = min(reuse, chunks[0][0] - offset)  # the last chunk may start inside the kept part
         if reuse <= 0:
             return None
-        cache = self._resize(entry.cache, offset + reuse, self.scratch_length(offset + n))
+        # Never shorter than the entry (a prompt that branches off inside it): one resize
+        # shape per pair of lengths going up, not every pair.
+        length = max(entry.cache.max_length, self.scratch_length(offset + n))
+        cache = self._resize(entry.cache, offset + reuse, length)
         task = PrefillTask(ids, vision_mask, head, cache, offset, done=reuse, reused=reuse,
                            chunks=chunks, chunks_total=len(chunks))
         return task
@@ -426,7 +430,7 @@ class SlotPool:
                     _, cache = self._prefill_into(cache, zeros, zeros.astype(bool), np.ones((1, t), bool),
                                                   zeros, 0, head)
                     shapes += 1
-            for target in lengths:
+            for target in lengths[lengths.index(length):]:
                 self._resize(cache, 0, target)
                 shapes += 1
             # An empty scratch: row 0 of the pool is left empty (valid all False).
