@@ -41,8 +41,7 @@ from lwm_serve.model import config as model_config  # noqa: E402
 from lwm_serve.model.generation import Generator, PromptRow, seed_key  # noqa: E402
 from lwm_serve.model.params import init_params  # noqa: E402
 from lwm_serve.model.sampling import SamplingParams  # noqa: E402
-from lwm_serve.model.runner import TAIL_MIN_BUCKET  # noqa: E402
-from lwm_serve.model.steps import MIN_BUCKET, bucket_length  # noqa: E402
+from lwm_serve.model.runner import chunk_plan  # noqa: E402
 
 
 def weight_bytes_per_step(cfg, itemsize: int) -> int:
@@ -76,14 +75,8 @@ def decode_flops(cfg, slots: int, batch: int) -> float:
 
 def prefilled_tokens(n: int, chunk: int) -> int:
     """Tokens the slot pool's chunk plan runs for a fresh n-token prompt (model/runner.py
-    `SlotPool._plan`): whole chunks, then one bucketed tail (the padding or overlap)."""
-    done = total = 0
-    while n - done >= chunk:
-        done += chunk
-        total += chunk
-    if done < n:
-        total += min(bucket_length(n - done, minimum=TAIL_MIN_BUCKET if done else MIN_BUCKET), chunk)
-    return total
+    `chunk_plan`: whole chunks, then pieces of power-of-two sizes, the padding or overlap)."""
+    return sum(t for _, t in chunk_plan(n, 0, chunk))
 
 
 def run_one(gen: Generator, prompt_len: int, batch: int, new_tokens: int,

@@ -129,6 +129,8 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--video-frames", type=int, default=8)
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--ready-timeout", type=float, default=3600,
+                    help="seconds to wait for /ready (the warm-up compiles every shape; slow on a busy CPU)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -139,12 +141,15 @@ def main() -> None:
                                   max_model_len=args.max_model_len, prefill_chunk=512, warmup=True)
         if model != "demo":
             kw.update(load_format="dummy", model_config_path=model)
-        base, server, thread = start(ServerSettings(**kw))
+        t_launch = time.perf_counter()
+        base, server, thread = start(ServerSettings(**kw), ready_timeout_s=args.ready_timeout)
+        ready_s = time.perf_counter() - t_launch  # load + compile every shape (warm-up) until /ready
         try:
             asyncio.run(concurrency_run(base, max(levels), 4))  # compile every batch shape once
             runs = [asyncio.run(concurrency_run(base, c, args.max_tokens)) for c in levels]
             one = runs[0]["tok_s"]
-            print(f"\n{model}: {args.max_tokens} tokens per client, ignore_eos, greedy")
+            print(f"\n{model}: launch -> /ready {ready_s:.1f} s; {args.max_tokens} tokens per client, "
+                  "ignore_eos, greedy")
             print(f"{'clients':>8} {'tok/s':>9} {'x 1 client':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
                   f"{'ITL p50':>8} {'ITL p99':>8}")
             for r in runs:
@@ -158,7 +163,7 @@ def main() -> None:
                   f"{video['same_again_cached'][1]}), follow-up {video['follow_up_ttft']:.3f} s (cached "
                   f"{video['follow_up_cached'][0]}/{video['follow_up_cached'][1]}), follow-up / first = "
                   f"{video['follow_up_ratio']:.3f}")
-            report["models"][model] = {"concurrency": runs, "video": video}
+            report["models"][model] = {"ready_s": ready_s, "concurrency": runs, "video": video}
         finally:
             server.should_exit = True
             thread.join(60)

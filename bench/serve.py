@@ -43,10 +43,11 @@ from roofline import git_sha  # bench/ is the script's folder
 QUESTION = "Describe what happens in the video, step by step, in plain words."
 
 
-def start(settings: ServerSettings, runtime: Any = None) -> tuple[str, uvicorn.Server, threading.Thread]:
+def start(settings: ServerSettings, runtime: Any = None,
+          ready_timeout_s: float = 600) -> tuple[str, uvicorn.Server, threading.Thread]:
     """The real app in this process (`server.local.start_in_thread`); returns once /ready says so
-    (runtime None: the app loads the model of `settings` itself)."""
-    local = start_in_thread(build_app(settings, runtime), ready_timeout_s=600)
+    (runtime None: the app loads the model of `settings` itself; the warm-up compiles every shape first)."""
+    local = start_in_thread(build_app(settings, runtime), ready_timeout_s=ready_timeout_s)
     return local.base_url, local.server, local.thread
 
 

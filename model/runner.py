@@ -19,12 +19,24 @@ plain [B, K, S, D] layout that the sequence-sharded decode already handles.
 The price is one copy of the prompt's cache into the pool (memory-bound, small
 next to the prefill that made it).
 
-Chunk plan: a prompt of n tokens is prefilled in chunks of `prefill_chunk`; the
-rest is one chunk of `bucket_length(rest)` tokens that *ends* at the prompt's
-last token and starts inside the previous chunk if need be (those tokens are
-written again with identical values). So nothing is padded but prompts shorter
-than the smallest bucket (left-padded: their tokens start at slot `offset`),
-and no prompt pays for more than one bucket's rounding.
+Shapes: every prefill step, row copy and insert runs at one of a bounded set of
+shapes, all compiled by `precompile` before the server says it is ready, so no
+request (a follow-up question on a kept video above all) waits for a compile:
+
+* pieces (tokens per prefill step): powers of two from `TAIL_MIN_BUCKET` up to
+  the chunk, and the chunk;
+* scratch lengths (slots of a one-row prefill cache): the chunk times 1, 2, 3,
+  4, 6, 8, 12, ... (two per octave), capped at the pool's row length.
+  `prefill_lengths()` lists them; a kept prefix is copied into a scratch at
+  least as long as itself.
+
+Chunk plan (`chunk_plan`): a prompt of n tokens is prefilled in whole chunks;
+the rest is one piece that *ends* at the prompt's last token and starts inside
+what came before if need be (those tokens are written again with identical
+values). A fresh prompt shorter than a chunk starts with the largest piece it
+fills (one left-padded piece of `MIN_BUCKET` when shorter than that: its tokens
+start at slot `offset`). So no prompt pays more than one piece of padding or
+recomputation, and a follow-up question recomputes ~32-64 tokens, not a bucket.
 """
 
 from __future__ import annotations
@@ -56,14 +68,56 @@ def next_power_of_two(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
 
 
+def fresh_min(prefill_chunk: int) -> int:
+    """The smallest first piece of a fresh prompt (shorter prompts are left-padded to it)."""
+    return min(steps.MIN_BUCKET, prefill_chunk)
+
+
 def prompt_offset(n: int, prefill_chunk: int) -> int:
-    """Left padding of a fresh n-token prompt: short prompts fill their one bucket from the right."""
-    return max(0, min(steps.bucket_length(n), prefill_chunk) - n) if n < prefill_chunk else 0
+    """Left padding of a fresh n-token prompt: short prompts fill their one piece from the right."""
+    return max(0, fresh_min(prefill_chunk) - n)
 
 
 def pool_slots(n: int, prefill_chunk: int) -> int:
     """Pool slots a fresh n-token prompt occupies before its first new token."""
     return prompt_offset(n, prefill_chunk) + n
+
+
+def piece_sizes(prefill_chunk: int) -> list[int]:
+    """Tokens a prefill step may run: powers of two from TAIL_MIN_BUCKET, and the chunk."""
+    sizes, p = [], min(TAIL_MIN_BUCKET, prefill_chunk)
+    while p < prefill_chunk:
+        sizes.append(p)
+        p *= 2
+    return sizes + [prefill_chunk]
+
+
+def chunk_plan(n: int, done: int, prefill_chunk: int) -> list[tuple[int, int]]:
+    """(first token index, tokens) of each prefill step for tokens done..n of a prompt.
+
+    Indexes count from the prompt's first token: a fresh prompt shorter than
+    `fresh_min` starts below 0 (left padding); a last piece may start before
+    `done` (recomputing tokens already there).
+    """
+    chunks, chunk = [], prefill_chunk
+    while n - done >= chunk:
+        chunks.append((done, chunk))
+        done += chunk
+    if done == n:
+        return chunks
+    pieces = piece_sizes(chunk)
+    if done == 0:
+        first = fresh_min(chunk)
+        if n <= first:
+            return [(n - first, first)]
+        p = max(x for x in pieces if x <= n)
+        chunks.append((0, p))
+        done = p
+        if done == n:
+            return chunks
+    t = min(x for x in pieces if x >= n - done)
+    chunks.append((n - t, t))
+    return chunks
 
 
 @dataclass
@@ -122,6 +176,7 @@ class SlotPool:
         self.index = np.zeros(num_slots, np.int64)      # next slot each row writes (host mirror)
         self.position = np.zeros(num_slots, np.int32)   # next RoPE position of each row
         self.used = np.zeros(num_slots, bool)
+        self.precompile_logits: dict[int, jax.Array] = {}
 
     # ------------------------------------------------------------------ layout
 
@@ -160,17 +215,25 @@ class SlotPool:
     # ------------------------------------------------------------------ prefill
 
     def _plan(self, n: int, done: int, offset: int) -> list[tuple[int, int]]:
-        chunks, chunk = [], self.prefill_chunk
-        while n - done >= chunk:
-            chunks.append((offset + done, chunk))
-            done += chunk
-        if done < n:
-            # A prompt's only chunk fills a bucket of >= 128 (left padded); a tail after
-            # earlier chunks or a kept prefix overlaps them, so a small bucket costs little
-            # recomputation (a follow-up question recomputes ~32 tokens, not 128).
-            t = min(steps.bucket_length(n - done, minimum=TAIL_MIN_BUCKET if done else steps.MIN_BUCKET), chunk)
-            chunks.append((offset + n - t, t))
-        return chunks
+        return [(offset + first, t) for first, t in chunk_plan(n, done, self.prefill_chunk)]
+
+    def prefill_lengths(self) -> list[int]:
+        """Every scratch length a prefill may use (see `scratch_length`)."""
+        lengths, k = [], 1
+        while True:
+            length = self._round_length(min(self.max_length, k * self.prefill_chunk))
+            lengths.append(length)
+            if length >= self.max_length:
+                return sorted(set(lengths))
+            k = k * 4 // 3 if k >= 3 and k & (k - 1) else (k * 3 // 2 if k >= 2 else k + 1)
+
+    def scratch_length(self, slots: int) -> int:
+        """The one-row cache a prompt occupying `slots` slots is prefilled into: the
+        shortest of `prefill_lengths()` that holds it (few shapes to compile)."""
+        for length in self.prefill_lengths():
+            if length >= slots:
+                return length
+        raise ValueError(f"a prompt of {slots} slots does not fit rows of {self.max_length}")
 
     def start_prefill(self, ids, vision_mask, head: Head = "text", reuse: bool = True) -> PrefillTask:
         """A task for one prompt, starting from the longest kept prefix that fits."""
@@ -189,8 +252,7 @@ class SlotPool:
                     self.prefix_cache.record_hit(task.reused)
                     return task
             offset = prompt_offset(n, self.prefill_chunk)
-            length = self._round_length(steps.bucket_length(offset + n))
-            task = PrefillTask(ids, vision_mask, head, self._new_cache(1, length), offset)
+            task = PrefillTask(ids, vision_mask, head, self._new_cache(1, self.scratch_length(offset + n)), offset)
             task.chunks = self._plan(n, 0, offset)
             task.chunks_total = len(task.chunks)
             return task
@@ -208,8 +270,10 @@ class SlotPool:
         reuse = min(reuse, chunks[0][0] - offset)  # the last chunk may start inside the kept part
         if reuse <= 0:
             return None
-        length = self._round_length(steps.bucket_length(offset + n))
-        cache = steps.resize_row(entry.cache, jnp.asarray(offset + reuse, jnp.int32), length, self.mesh)
+        # Never shorter than the entry (a prompt that branches off inside it): one resize
+        # shape per pair of lengths going up, not every pair.
+        length = max(entry.cache.max_length, self.scratch_length(offset + n))
+        cache = self._resize(entry.cache, offset + reuse, length)
         task = PrefillTask(ids, vision_mask, head, cache, offset, done=reuse, reused=reuse,
                            chunks=chunks, chunks_total=len(chunks))
         return task
@@ -223,14 +287,26 @@ class SlotPool:
         tokens = np.where(real, task.ids[np.maximum(idx, 0)], 0).astype(np.int32)[None]
         vmask = (real & task.vision_mask[np.maximum(idx, 0)])[None]
         positions = np.maximum(idx, 0).astype(np.int32)[None]
-        task.logits, task.cache = steps.prefill_into(
-            self.params, self.cfg, jnp.asarray(tokens), jnp.asarray(vmask),
-            jnp.asarray(real[None].astype(np.int32)), jnp.asarray(positions), task.cache,
-            jnp.asarray([start], jnp.int32), task.head, self.mesh)
+        task.logits, task.cache = self._prefill_into(task.cache, tokens, vmask, real[None], positions, start, task.head)
         task.done = max(task.done, first + t)
         if task.chunks:
             task.logits = None
         return task.complete
+
+    # The device calls of a prefill, one place each, so `precompile` builds exactly the
+    # executables that serving looks up (same argument types, shapes and placement).
+
+    def _prefill_into(self, cache: KVCache, tokens: np.ndarray, vmask: np.ndarray, real: np.ndarray,
+                      positions: np.ndarray, start: int, head: Head) -> tuple[jax.Array, KVCache]:
+        return steps.prefill_into(
+            self.params, self.cfg, jnp.asarray(tokens), jnp.asarray(vmask), jnp.asarray(real.astype(np.int32)),
+            jnp.asarray(positions), cache, jnp.asarray([start], jnp.int32), head, self.mesh)
+
+    def _resize(self, cache: KVCache, keep: int, length: int) -> KVCache:
+        return steps.resize_row(cache, jnp.asarray(keep, jnp.int32), length, self.mesh)
+
+    def _insert_row(self, cache: KVCache, row: int) -> None:
+        self.pool = steps.insert_row(self.pool, cache, jnp.asarray(row, jnp.int32), self.mesh)
 
     def keep(self, task: PrefillTask) -> PrefixEntry | None:
         """Offers a finished prefill to the prefix cache (it keeps the cache, no copy);
@@ -244,7 +320,7 @@ class SlotPool:
         if task.cache.max_length > self.max_length:
             raise ValueError(f"a prefill of {task.cache.max_length} slots does not fit rows of "
                              f"{self.max_length}")
-        self.pool = steps.insert_row(self.pool, task.cache, jnp.asarray(row, jnp.int32), self.mesh)
+        self._insert_row(task.cache, row)
         self.index[row] = task.offset + task.length
         self.position[row] = task.length
 
@@ -258,10 +334,15 @@ class SlotPool:
         have room (`room`).
         """
         rows, read, feed, positions, active = self._decode_inputs(tokens)
-        logits, self.pool = steps.decode_rows(
-            self.params, self.cfg, jnp.asarray(feed), jnp.asarray(positions),
-            jnp.asarray(active[:rows]), self.pool, head, self.mesh, read)
+        logits = self._decode_rows(feed, positions, active[:rows], head, read)
         self._advance(rows, active)
+        return logits
+
+    def _decode_rows(self, feed: np.ndarray, positions: np.ndarray, active: np.ndarray, head: Head,
+                     read: int | None) -> jax.Array:
+        logits, self.pool = steps.decode_rows(
+            self.params, self.cfg, jnp.asarray(feed), jnp.asarray(positions), jnp.asarray(active), self.pool,
+            head, self.mesh, read)
         return logits
 
     def _decode_inputs(self, tokens: dict[int, int]) -> tuple[int, int | None, np.ndarray, np.ndarray, np.ndarray]:
@@ -326,17 +407,44 @@ class SlotPool:
         return [(r, n) for r in rows for n in sorted(set(min(x, self.max_length) for x in reads))]
 
     def precompile(self, head: Head = "text") -> int:
-        """Compiles every decode shape ahead of serving (a request then never waits for
-        one); the pool's contents are unchanged in what matters (no row is in use)."""
+        """Compiles every prefill, resize, insert and decode shape ahead of serving (a
+        request then never waits for one); the pool's contents are unchanged in what
+        matters (no row is in use). Returns the number of shapes run.
+
+        Each shape runs as a real call on scratch buffers, not `lower().compile()`:
+        that is what fills the jitted functions' own call caches. The logits of the
+        last step at each width are left in `precompile_logits` (rows -> [rows, V]):
+        junk values of exactly the type the sampler meets (placement included)."""
         if self.used.any():
             raise RuntimeError("precompile runs before any row is used")
+        shapes = self._precompile_prefill(head)
         for rows, read in self.decode_shapes():
             # A real step with every token invalid: it writes only empty slots, and `insert`
             # resets a row's index before the row is used.
-            _, self.pool = steps.decode_rows(
-                self.params, self.cfg, jnp.zeros(rows, jnp.int32), jnp.zeros(rows, jnp.int32),
-                jnp.zeros(rows, bool), self.pool, head, self.mesh, read)
-        return len(self.decode_shapes())
+            logits = self._decode_rows(np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.zeros(rows, bool),
+                                       head, read)
+            self.precompile_logits[rows] = logits
+        return shapes + len(self.decode_shapes())
+
+    def _precompile_prefill(self, head: Head) -> int:
+        lengths = self.prefill_lengths()
+        pieces = piece_sizes(self.prefill_chunk)
+        shapes = 0
+        for length in lengths:
+            # a fresh scratch and one resized from a kept prefix: both kinds a prefill meets
+            for cache in (self._new_cache(1, length), self._resize(self._new_cache(1, lengths[0]), 0, length)):
+                for t in (p for p in pieces if p <= length):
+                    zeros = np.zeros((1, t), np.int32)
+                    _, cache = self._prefill_into(cache, zeros, zeros.astype(bool), np.ones((1, t), bool),
+                                                  zeros, 0, head)
+                    shapes += 1
+            for target in lengths[lengths.index(length):]:
+                self._resize(cache, 0, target)
+                shapes += 1
+            # An empty scratch: row 0 of the pool is left empty (valid all False).
+            self._insert_row(self._new_cache(1, length), 0)
+            shapes += 1
+        return shapes
 
     def room(self, row: int) -> int:
         """Tokens row `row` can still take."""

@@ -158,15 +158,17 @@ class Engine:
         before its first request: a request then never stalls the batch on a compile)."""
         t0 = time.monotonic()
         shapes = self.pool.precompile()
-        logits = jnp.zeros((1, self.generator.cfg.vocab_size), jnp.float32)
-        widths = sorted({rows for rows, _ in self.pool.decode_shapes()})
+        widths = sorted(self.pool.precompile_logits)
         for width in widths:
+            logits = self.pool.precompile_logits[width]
             for temperature in (0.0, 1.0):
                 req = GenerationRequest("precompile", [PromptRow([0])], [SamplingParams(temperature=temperature)], 1,
                                         logprobs=False)
-                live = LiveRequest(None, req, self.generator.cfg.vocab_size)
-                live_lib.sample([live], jnp.repeat(logits, width, axis=0), [[0]], pad_to=width)
-        logger.info("precompiled %d decode shapes and %d sampling widths in %.1f s", shapes, len(widths),
+                # one request padded to the width (a gather of its row), and `width` requests (none)
+                for group in ([LiveRequest(None, req, logits.shape[1])],
+                              [LiveRequest(None, req, logits.shape[1]) for _ in range(width)]):
+                    live_lib.sample(group, logits, [[r] for r in range(len(group))], pad_to=width)
+        logger.info("precompiled %d prefill, copy and decode shapes and %d sampling widths in %.1f s", shapes, len(widths),
                     time.monotonic() - t0)
 
     def start(self, precompile: bool = False) -> None:

@@ -377,7 +377,9 @@ class ReplicatedSlotPool(SlotPool):
 
     def precompile(self, head: Head = "text") -> int:
         self._leader.send(Op.PRECOMPILE, (HEADS.index(head),))
-        return super().precompile(head)
+        shapes = super().precompile(head)
+        self.precompile_logits = {rows: to_local(x) for rows, x in self.precompile_logits.items()}
+        return shapes
 
     def decode(self, tokens: dict[int, int], head: Head = "text") -> jax.Array:
         rows = np.asarray(list(tokens), np.int32)

@@ -67,7 +67,8 @@ def test_prefix_reuse_gives_the_logits_of_a_cold_prefill(model, mesh_spec):
     first = _run(warm, base)
     assert warm.keep(first) is not None
     reused = _run(warm, longer)
-    assert reused.reused >= len(base) - 32
+    new = len(longer) - len(base)
+    assert reused.reused >= len(base) - new  # one piece (a power of two) ends the prompt: < 2x the new part
     cold = _run(_pool(model, mesh_spec, prefix=False), longer)
     assert cold.reused == 0
     np.testing.assert_allclose(np.asarray(reused.logits), np.asarray(cold.logits), atol=FP32_TOL, rtol=0)

@@ -252,3 +252,65 @@ def test_drain_refuses_new_and_stop_fails_waiting(fixture_runtime):
 
     asyncio.run(main())
     assert not engine.alive
+
+
+class _CompileCounter:
+    """Counts XLA backend compiles (jax.monitoring's compile-duration event) while active."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self) -> None:
+        self.compiled: list[str] = []
+
+    def _listen(self, event: str, duration: float, **kwargs) -> None:
+        if event == self.EVENT:
+            self.compiled.append(str(kwargs.get("fun_name")))
+
+    def __enter__(self) -> "_CompileCounter":
+        import jax.monitoring
+
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import jax.monitoring
+
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def test_after_precompile_prompts_and_follow_ups_compile_nothing(fixture_runtime):
+    """Start-up compiles every prefill piece, scratch length, resize, insert and decode
+    shape: afterwards a fresh prompt, follow-ups on its kept prefix (new tails, a longer
+    scratch) and their decoding beside each other run on compiled programs only."""
+    engine = Engine(fixture_runtime.generator, max_queue=8, max_num_seqs=4, prefix_cache_bytes=256 << 20)
+    engine.start(precompile=True)
+    tok = fixture_runtime.tokenizer
+    rng = np.random.default_rng(0)
+    context = [tok.bos_id] + rng.integers(3, 500, 300).tolist()
+    follow_ups = [context + rng.integers(3, 500, extra).tolist() for extra in (20, 45, 100, 260, 530)]
+    try:
+        async def ask(ids: list[int], max_new: int = 3) -> GenerationRequest:
+            handle = engine.submit(_request(engine, ids, max_new=max_new, logprobs=False))  # as over HTTP
+            await _collect(handle)
+            return handle
+
+        async def main():
+            await ask([tok.bos_id, 5, 6])  # waits for the precompile; eager host-side ops compile here
+            with _CompileCounter() as fresh:
+                await ask(context)
+            handles = []
+            with _CompileCounter() as follow:
+                for ids in follow_ups:
+                    handles.append(await ask(ids))
+                # two at once: one decodes while the other prefills from the kept prefix
+                both = [engine.submit(_request(engine, ids, max_new=8, logprobs=False)) for ids in follow_ups[:2]]
+                await asyncio.gather(*[_collect(h) for h in both])
+            return fresh, follow, handles
+
+        fresh, follow, handles = asyncio.run(main())
+        assert all(h.record.status is RequestStatus.FINISHED for h in handles)
+        assert all(h.record.cached_tokens >= len(context) - 32 for h in handles)
+        assert fresh.compiled == [], fresh.compiled
+        assert follow.compiled == [], follow.compiled
+    finally:
+        engine.stop()
