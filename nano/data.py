@@ -32,17 +32,22 @@ class Sequence_:
     vision: np.ndarray  # [T] bool: the id indexes the vision vocabulary
     target: np.ndarray  # [T] int32: the next id to predict, or IGNORE
     kind: str  # "video-<F>", "image", "draw", "chat"
+    weight: np.ndarray | None = None  # [T] float32: loss weight of each target (None: all 1)
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
-def _seq(ids: list[int], vision: list[bool], trained: list[bool], kind: str) -> Sequence_:
+def _seq(ids: list[int], vision: list[bool], trained: list[bool], kind: str,
+         weights: list[float] | None = None) -> Sequence_:
     ids_a = np.asarray(ids, np.int32)
     target = np.full(len(ids), IGNORE, np.int32)
     train_next = np.asarray(trained[1:], bool)
     target[:-1][train_next] = ids_a[1:][train_next]
-    return Sequence_(ids_a, np.asarray(vision, bool), target, kind)
+    weight = np.ones(len(ids), np.float32)
+    if weights is not None:
+        weight[:-1] = np.asarray(weights[1:], np.float32)  # a target's weight is its token's
+    return Sequence_(ids_a, np.asarray(vision, bool), target, kind, weight)
 
 
 class _Writer:
@@ -50,33 +55,57 @@ class _Writer:
         self.ids: list[int] = []
         self.vision: list[bool] = []
         self.trained: list[bool] = []
+        self.weights: list[float] = []
 
     def add(self, ids: Sequence[int], vision: Sequence[bool] | bool = False,
-            trained: Sequence[bool] | bool = False) -> None:
+            trained: Sequence[bool] | bool = False, weights: Sequence[float] | None = None) -> None:
+        self.weights += [1.0] * len(ids) if weights is None else list(weights)
         self.ids += list(ids)
         self.vision += [vision] * len(ids) if isinstance(vision, bool) else list(vision)
         self.trained += [trained] * len(ids) if isinstance(trained, bool) else list(trained)
 
 
-def _answer(tok, writer: _Writer, reply: str) -> None:
-    writer.add(tok.encode(reply, add_bos=False) + [tok.eos_id], trained=True)
+def decisive_tokens(tok, kind: str, reply: str) -> np.ndarray:
+    """[len(reply ids)] bool: the reply's tokens from where the replies of its kind part ways.
+
+    "It is moving left." and "It is standing still." share "It is"; "moving" and
+    "standing" already decide the answer, so the decisive tokens start there (and run to
+    the end, the answer word and its full stop), not only at the answer word.
+    """
+    ids = tok.encode(reply, add_bos=False)
+    others = [tok.encode(nq.reply_for(kind, w), add_bos=False) for w in nq.ANSWER_WORDS[kind]]
+    common = min(next((i for i, (a, b) in enumerate(zip(ids, o)) if a != b), min(len(ids), len(o)))
+                 for o in others if o != ids)
+    return np.arange(len(ids)) >= common
 
 
-def qa_sequence(tok, codes: np.ndarray, qas: Sequence[nq.QA], layout: vl.FrameLayout, kind: str) -> Sequence_:
+def _answer(tok, writer: _Writer, reply: str, kind: str | None = None, answer_weight: float = 1.0) -> None:
+    ids = tok.encode(reply, add_bos=False)
+    weights = np.ones(len(ids) + 1)
+    if kind is not None:
+        weights[:-1][decisive_tokens(tok, kind, reply)] = answer_weight
+    writer.add(ids + [tok.eos_id], trained=True, weights=weights)
+
+
+def qa_sequence(tok, codes: np.ndarray, qas: Sequence[nq.QA], layout: vl.FrameLayout, kind: str,
+                answer_weight: float = 1.0) -> Sequence_:
     """A video/image (codes [F, 256]) with its questions as successive turns.
 
     The vision tokens are trained too (next code, as LWM is trained): thousands of
     targets per video that teach what moves where, next to a handful of answer words.
+    The reply tokens that decide the answer (`decisive_tokens`) weigh `answer_weight`
+    in the loss, the rest of the template 1: the template is learnt in a few steps,
+    the answer is the signal.
     """
     w = _Writer()
     first = ct.build_chat(tok, [ct.Message("user", qas[0].question, (codes,))], layout=layout)
     w.add(first.ids, first.vision_mask, trained=first.vision_mask)
-    _answer(tok, w, qas[0].reply)
+    _answer(tok, w, qas[0].reply, qas[0].kind, answer_weight)
     for qa in qas[1:]:
         w.add(tok.encode(f"USER: {qa.question}\n"))
         w.add(tok.encode(ct.ASSISTANT_TAIL))
-        _answer(tok, w, qa.reply)
-    return _seq(w.ids, w.vision, w.trained, kind)
+        _answer(tok, w, qa.reply, qa.kind, answer_weight)
+    return _seq(w.ids, w.vision, w.trained, kind, w.weights)
 
 
 def draw_sequence(tok, codes: np.ndarray, prompt: str | None) -> Sequence_:
@@ -105,6 +134,7 @@ class Batch:
     target_vision: np.ndarray  # [B, T] the target indexes the vision vocabulary
     valid: np.ndarray  # [B, T] int32
     positions: np.ndarray  # [B, T] int32
+    weight: np.ndarray  # [B, T] float32: each target's loss weight
 
 
 def make_batch(seqs: Sequence[Sequence_], length: int) -> Batch:
@@ -115,11 +145,14 @@ def make_batch(seqs: Sequence[Sequence_], length: int) -> Batch:
     target = np.full((b, length), IGNORE, np.int32)
     tvis = np.zeros((b, length), bool)
     valid = np.zeros((b, length), np.int32)
+    weight = np.ones((b, length), np.float32)
     for i, s in enumerate(seqs):
         n = len(s)
         if n > length:
             raise ValueError(f"sequence of {n} tokens does not fit {length}")
         ids[i, :n], vision[i, :n], target[i, :n], valid[i, :n] = s.ids, s.vision, s.target, 1
         tvis[i, : n - 1] = s.vision[1:]
+        if s.weight is not None:
+            weight[i, :n] = s.weight
     positions = np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy()
-    return Batch(ids, vision, target, tvis, valid, positions)
+    return Batch(ids, vision, target, tvis, valid, positions, weight)

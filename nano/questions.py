@@ -47,6 +47,19 @@ def direction_question(shape: str) -> str:
 COUNT_QUESTION = "How many shapes are there?"
 
 
+def reply_for(kind: str, word: str) -> str:
+    """The sentence the model is trained to give when the answer word is `word`."""
+    if kind == "shape":
+        return f"It is a {word}."
+    if kind == "color":
+        return f"It is {word}."
+    if kind == "direction":
+        return "It is standing still." if word == "still" else f"It is moving {word}."
+    if kind == "count":
+        return "There is one shape." if word == "one" else f"There are {word} shapes."
+    raise ValueError(f"unknown question kind {kind!r}")
+
+
 def questions_for(scene: Scene, medium: Medium) -> list[QA]:
     """Every question that applies to a scene, with its answer.
 
@@ -55,17 +68,15 @@ def questions_for(scene: Scene, medium: Medium) -> list[QA]:
     qas: list[QA] = []
     if len(scene.objects) == 1:
         shape = scene.objects[0].shape
-        qas.append(QA("shape", shape_question(medium), shape, f"It is a {shape}."))
+        qas.append(QA("shape", shape_question(medium), shape, reply_for("shape", shape)))
     for obj in scene.objects:
-        qas.append(QA("color", color_question(obj.shape), obj.color, f"It is {obj.color}."))
+        qas.append(QA("color", color_question(obj.shape), obj.color, reply_for("color", obj.color)))
     if medium == "video":
         for obj in scene.objects:
             d = obj.direction
-            reply = "It is standing still." if d == "still" else f"It is moving {d}."
-            qas.append(QA("direction", direction_question(obj.shape), d, reply))
+            qas.append(QA("direction", direction_question(obj.shape), d, reply_for("direction", d)))
     n = COUNT_WORDS[len(scene.objects) - 1]
-    reply = "There is one shape." if n == "one" else f"There are {n} shapes."
-    qas.append(QA("count", COUNT_QUESTION, n, reply))
+    qas.append(QA("count", COUNT_QUESTION, n, reply_for("count", n)))
     return qas
 
 

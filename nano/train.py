@@ -17,7 +17,7 @@ import pickle
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -46,16 +46,19 @@ class Recipe:
     decoder_steps: int = 150
     decoder_batch: int = 8
     # language model
-    lm_videos: int = 1200
-    lm_images: int = 1600
-    lm_draws: int = 800
-    steps: int = 520
+    lm_videos: int = 2400
+    lm_images: int = 2400
+    lm_draws: int = 900
+    steps: int = 3200
     tokens_per_batch: int = 4096
     lr: float = 3e-3
-    warmup: int = 30
-    uncond_every: int = 4  # every n-th drawing is also trained as the CFG partner `<s><vision>`
+    warmup: int = 100
+    uncond_every: int = 2  # every n-th drawing is also trained as the CFG partner `<s><vision>`
     layout: str = "standard"
+    answer_weight: float = 5.0  # loss weight of the reply tokens that decide the answer
 
+
+DRAW_SIZES = (64, 80, 96)  # bounding-box sides of the objects the model learns to draw
 
 # A recipe small enough for a smoke test of the whole pipeline (minutes, meaningless weights).
 QUICK = Recipe(vq_videos=20, decoder_steps=2, lm_videos=12, lm_images=12, lm_draws=8, steps=4, warmup=1,
@@ -116,7 +119,8 @@ def _video_sequences(tok, vq_params, recipe: Recipe, rng: np.random.Generator) -
         codes = vf.fast_codes(vq_params, decoded_frames(scene), batch=8).reshape(scene.num_frames, -1)
         qas = nq.questions_for(scene, "video")
         rng.shuffle(qas)
-        seqs.append(nd.qa_sequence(tok, codes, qas, recipe.layout, f"video-{scene.num_frames}"))
+        seqs.append(nd.qa_sequence(tok, codes, qas, recipe.layout, f"video-{scene.num_frames}",
+                                   recipe.answer_weight))
     return seqs
 
 
@@ -131,20 +135,27 @@ def _image_sequences(tok, vq_params, recipe: Recipe, rng: np.random.Generator) -
     for scene, c in zip(scenes, codes):
         qas = nq.questions_for(scene, "image")
         rng.shuffle(qas)
-        seqs.append(nd.qa_sequence(tok, c, qas, recipe.layout, "image"))
+        seqs.append(nd.qa_sequence(tok, c, qas, recipe.layout, "image", recipe.answer_weight))
     return seqs
 
 
 def _draw_sequences(tok, vq_params, recipe: Recipe, rng: np.random.Generator) -> list[nd.Sequence_]:
+    """Drawing lessons: "a {color} {shape}." then the codes of that object, centred.
+
+    The object sits in the middle at one of `DRAW_SIZES`: a drawing is free to put
+    it anywhere, and a fixed place leaves the model one decision (which colour and
+    shape), where a random place makes every patch a guess whether the object
+    starts there, and sampling then scatters fragments of several objects.
+    """
     seqs = []
-    frames, scenes = [], []
+    frames, objs = [], []
     for i in range(recipe.lm_draws):
-        scene = world.scene_from_seed(recipe.seed * 10**6 + 300_000 + i, kind="image", num_objects=1)
-        scenes.append(scene)
+        color, shape = str(rng.choice(list(world.COLORS))), str(rng.choice(world.SHAPES))
+        scene = world.centred_scene(shape, color, int(rng.choice(DRAW_SIZES)))
+        objs.append(scene.objects[0])
         frames.append(decode_media(world.image_png(scene))[0][1])
     codes = vf.fast_codes(vq_params, np.stack(frames))
-    for i, (scene, c) in enumerate(zip(scenes, codes)):
-        obj = scene.objects[0]
+    for i, (obj, c) in enumerate(zip(objs, codes)):
         prompt = nq.image_prompt(obj.color, obj.shape)
         if rng.random() < 0.5:
             prompt = prompt.rstrip(".")
@@ -184,7 +195,8 @@ def _batches(seqs: list[nd.Sequence_], recipe: Recipe, rng: np.random.Generator)
         yield k[0] == "draw", nd.make_batch(picked, length)
 
 
-def train_lm(tok, vq_params, recipe: Recipe, log: dict[str, Any]):
+def train_lm(tok, vq_params, recipe: Recipe, log: dict[str, Any],
+             on_step: Callable[[int, Any], None] | None = None):
     import optax  # training only
 
     from lwm_serve.nano import train_lm as tl
@@ -210,6 +222,8 @@ def train_lm(tok, vq_params, recipe: Recipe, log: dict[str, Any]):
         t_step = time.perf_counter()
         params, opt_state, loss = update(params, opt_state, tl.to_device(batch), draw)
         losses.append((step, draw, float(loss)))
+        if on_step is not None:
+            on_step(step + 1, params)
         logger.debug("step %d %s %.2fs", step, batch.ids.shape, time.perf_counter() - t_step)
         bar.update(1)
         if step % 10 == 0:
@@ -242,8 +256,12 @@ def plot_losses(log: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def train(out: Path, recipe: Recipe = Recipe()) -> Path:
-    """The whole recipe; returns `out`, a model directory the server loads."""
+def train(out: Path, recipe: Recipe = Recipe(), snapshots: tuple[int, ...] = ()) -> Path:
+    """The whole recipe; returns `out`, a model directory the server loads.
+
+    `snapshots`: steps after which the weights so far are saved as out/snapshot-<step>
+    (a model directory too, for measuring how accuracy grows; they do not change the run).
+    """
     from lwm_serve.tokenizers.text import TextTokenizer
     from lwm_serve.tokenizers import vqgan as vq
 
@@ -258,11 +276,19 @@ def train(out: Path, recipe: Recipe = Recipe()) -> Path:
     with open(out / "vqgan" / "vqgan_params.pkl", "wb") as f:
         pickle.dump(jax.tree_util.tree_map(np.asarray, vq_params), f, protocol=4)
     vq.check_params(vq_params, vf.CONFIG)
-    cfg, params = train_lm(tok, vq_params, recipe, log)
-    (out / "config.json").write_text(json.dumps(model_config.to_reference_dict(cfg), indent=1))
-    tmp = out / "params.tmp"
-    checkpoint.save_params(tmp, params)
-    os.replace(tmp, out / "params")
+    cfg_dict = model_config.to_reference_dict(model_config.from_preset("nano").replace(scan_layers=False))
+
+    def snapshot(step: int, params) -> None:
+        if step in snapshots and step < recipe.steps:
+            snap = out / f"snapshot-{step}"
+            snap.mkdir(exist_ok=True)
+            for part in ("tokenizer", "vqgan"):
+                if not (snap / part).exists():
+                    (snap / part).symlink_to(out / part, target_is_directory=True)
+            _write_model(snap, cfg_dict, jax.tree_util.tree_map(np.asarray, params))
+
+    cfg, params = train_lm(tok, vq_params, recipe, log, on_step=snapshot if snapshots else None)
+    _write_model(out, model_config.to_reference_dict(cfg), params)
     log["seconds"] = time.perf_counter() - t0
     (out / "training.json").write_text(json.dumps(log))
     try:
@@ -271,6 +297,13 @@ def train(out: Path, recipe: Recipe = Recipe()) -> Path:
         logger.warning("matplotlib is not installed: no losses.png (pip install 'lwm-serve[train]')")
     logger.info("LWM-Nano trained in %.0f s into %s", log["seconds"], out)
     return out
+
+
+def _write_model(out: Path, cfg_dict: dict[str, Any], params) -> None:
+    (out / "config.json").write_text(json.dumps(cfg_dict, indent=1))
+    tmp = out / "params.tmp"
+    checkpoint.save_params(tmp, params)
+    os.replace(tmp, out / "params")
 
 
 def compare(a: Path, b: Path) -> float:

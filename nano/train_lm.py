@@ -68,9 +68,13 @@ def init_model(cfg: ModelConfig, seed: int, code_features: np.ndarray | None = N
 VISION_WEIGHT = 0.5  # next-code loss next to the answers' loss
 
 
-def _cross_entropy(logits: jax.Array, target: jax.Array, use: jax.Array) -> jax.Array:
+def _cross_entropy(logits: jax.Array, target: jax.Array, use: jax.Array, weight: jax.Array | None = None) -> jax.Array:
+    """Sum of weight x cross-entropy over the used targets, divided by their number (not their weight:
+    a heavier answer token adds to the loss rather than taking the template's share)."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, jnp.maximum(target, 0)[..., None], axis=-1)[..., 0]
+    if weight is not None:
+        picked = picked * weight
     return -jnp.sum(jnp.where(use, picked, 0.0)) / jnp.maximum(jnp.sum(use), 1)
 
 
@@ -88,7 +92,8 @@ def _loss(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], full_vi
     h = out.hidden_states[-1]  # ln_f output [B, T, H]
     target = batch["target"]
     trained = target != IGNORE
-    text = _cross_entropy(h @ params["lm_head"]["kernel"], target, trained & ~batch["target_vision"])
+    text = _cross_entropy(h @ params["lm_head"]["kernel"], target, trained & ~batch["target_vision"],
+                          batch["weight"])
     kernel = params["vision_head"]["kernel"]
     use_v = trained & batch["target_vision"]
     if full_vision_vocab:
@@ -118,4 +123,5 @@ def to_device(batch: Batch) -> dict[str, jax.Array]:
         "ids": jnp.asarray(batch.ids), "vision": jnp.asarray(batch.vision),
         "target": jnp.asarray(batch.target), "target_vision": jnp.asarray(batch.target_vision),
         "valid": jnp.asarray(batch.valid), "positions": jnp.asarray(batch.positions),
+        "weight": jnp.asarray(batch.weight),
     }

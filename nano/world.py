@@ -149,6 +149,12 @@ def random_scene(rng: np.random.Generator, num_objects: int | None = None, num_f
             return Scene(tuple(placed), n_frames)
 
 
+def centred_scene(shape: str, color: str, size: int) -> Scene:
+    """One still object in the middle of the frame (how LWM-Nano is taught to draw a prompt)."""
+    corner = (FRAME - size) // 2
+    return Scene((WorldObject(shape, color, size, corner, corner, "still", 0),), 1)
+
+
 def scene_from_seed(seed: int, kind: Literal["video", "image"] = "video", **kwargs) -> Scene:
     """The scene of one seed: the same seed always gives the same scene."""
     rng = np.random.default_rng([seed, 0 if kind == "video" else 1])

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "LWM_SERVE_"
 DEMO_MODEL = "demo"
+NANO_MODEL = "nano"  # LWM-Nano, shipped in the package (runtime.nano_dir); `./nano` names a folder
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 
@@ -80,8 +81,10 @@ class ServerSettings(BaseSettings):
 
     # --- what to serve
     model: str = Field(DEMO_MODEL, description=(
-        "checkpoint: 'demo' (embedded demo model), 'params::PATH' (LWM JAX checkpoint, with "
-        "--model-config), or a Hugging Face LWM-Text folder"))
+        "checkpoint: 'demo' (embedded random demo model), 'nano' (LWM-Nano, the small model "
+        "shipped with the package, trained on a world of moving shapes), a model directory "
+        "(params + config.json + tokenizer/, e.g. from train-nano), 'params::PATH' (LWM JAX "
+        "checkpoint, with --model-config), or a Hugging Face LWM-Text folder"))
     model_config_path: str | None = Field(None, description=(
         "model config: a reference config JSON (VideoLLaMAConfig fields), a HF config.json or a "
         "preset name (e.g. 7b-1m); default: config.json beside the weights"))
@@ -208,8 +211,8 @@ class ServerSettings(BaseSettings):
             path = self.model[len("params::"):]
             if not Path(path).is_file():
                 raise ValueError(f"checkpoint file {path!r} does not exist")
-        elif self.model != DEMO_MODEL and not Path(self.model).exists():
-            raise ValueError(f"--model {self.model!r} is neither 'demo', a 'params::PATH' spec nor an "
+        elif self.model not in (DEMO_MODEL, NANO_MODEL) and not Path(self.model).exists():
+            raise ValueError(f"--model {self.model!r} is neither 'demo', 'nano', a 'params::PATH' spec nor an "
                              "existing checkpoint file or Hugging Face model folder")
         if self.tokenizer is not None and not Path(self.tokenizer).exists():
             raise ValueError(f"tokenizer {self.tokenizer!r} does not exist")

@@ -6,6 +6,9 @@
   trained on text shipped in the repo and a tiny VQGAN, built on first use and
   cached on disk, then loaded through the same checkpoint readers as a real
   model. It runs offline; its words are not meaningful.
+* ``nano``: LWM-Nano, the trained model shipped with the package
+  (`lwm_serve/nano/weights`, made by ``lwm-serve train-nano``): it answers
+  questions about videos and images of its synthetic world of moving shapes.
 * a model directory in the demo's layout (``params``, ``config.json``,
   ``tokenizer/``, optional ``vqgan/``), e.g. what ``lwm-serve train-nano`` writes.
 * ``params::PATH`` or a params file: an LWM JAX checkpoint (LWM-Chat / LWM-Text
@@ -42,6 +45,7 @@ from lwm_serve.tokenizers.text import TextTokenizer
 logger = logging.getLogger(__name__)
 
 DEMO = "demo"
+NANO = "nano"
 # Bump when the demo's recipe changes, so stale caches are rebuilt.
 DEMO_VERSION = "v1"
 DEMO_SEED = 20240213
@@ -105,6 +109,18 @@ def ensure_demo(root: Path | None = None) -> Path:
     os.replace(out / "vqgan" / "vqgan_params.tmp", out / "vqgan" / "vqgan_params.pkl")
     done.write_text("ok\n")
     return out
+
+
+def nano_dir() -> Path:
+    """The shipped LWM-Nano weights (a directory in the demo's layout inside the package)."""
+    from lwm_serve import nano
+
+    root = Path(nano.__file__).parent / "weights"
+    if bundle_dir(str(root)) is None:
+        raise LoadError(f"LWM-Nano's weights are not in this installation ({root}): "
+                        "reinstall lwm-serve, or train them with `lwm-serve train-nano --out DIR` "
+                        "and serve DIR")
+    return root
 
 
 def bundle_dir(model: str) -> Path | None:
@@ -218,13 +234,13 @@ def load_runtime(model: str = DEMO, *, model_config_spec: str | None = None,
                               device_memory=device_memory)
     if load_format != "auto":
         raise LoadError(f"unknown load format {load_format!r} (auto, dummy)")
-    root = ensure_demo() if model == DEMO else bundle_dir(model)
+    root = ensure_demo() if model == DEMO else nano_dir() if model == NANO else bundle_dir(model)
     if root is not None:
         weights, model_config_spec = str(root / "params"), model_config_spec or str(root / "config.json")
         tokenizer = tokenizer or str(root / "tokenizer")
         if vqgan is None and (root / "vqgan" / "vqgan_params.pkl").is_file():
             vqgan = str(root / "vqgan" / "vqgan_params.pkl")
-        name = name or ("lwm-demo" if model == DEMO else root.resolve().name)
+        name = name or {DEMO: "lwm-demo", NANO: "lwm-nano"}.get(model) or root.resolve().name
     else:
         weights = model
     if not Path(checkpoint.parse_spec(weights)).exists():

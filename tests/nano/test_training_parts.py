@@ -91,6 +91,42 @@ def test_question_sequence_starts_with_the_served_prompt(tok):
     assert len(text_targets) == replies
 
 
+def test_the_tokens_that_decide_the_answer_weigh_more(tok):
+    # "standing" already tells "still" from "moving ...": the decisive tokens start where
+    # the replies of a kind part ways, not only at the answer word.
+    still = nq.reply_for("direction", "still")
+    pieces = [tok.id_to_piece(i) for i in tok.encode(still, add_bos=False)]
+    marked = [p for p, d in zip(pieces, nd.decisive_tokens(tok, "direction", still)) if d]
+    assert "".join(marked).replace("\u2581", " ").strip() == "standing still."
+    color = nq.reply_for("color", "red")
+    assert [tok.id_to_piece(i) for i, d in zip(tok.encode(color, add_bos=False),
+                                               nd.decisive_tokens(tok, "color", color)) if d][0] == "\u2581red"
+
+    scene = world.scene_from_seed(5, kind="image")
+    qas = nq.questions_for(scene, "image")
+    seq = nd.qa_sequence(tok, np.full((1, 256), 3), qas, "standard", "image", answer_weight=5.0)
+    text = (seq.target != nd.IGNORE) & ~np.r_[seq.vision[1:], False]
+    heavy = seq.weight[text] == 5.0
+    assert heavy.sum() == sum(nd.decisive_tokens(tok, q.kind, q.reply).sum() for q in qas)
+    assert (seq.weight[text][~heavy] == 1.0).all() and (seq.weight[~text] == 1.0).all()
+    # Each heavy target is a decisive token of a reply: the answer word itself is among them.
+    assert set(seq.target[text][heavy]) >= {tok.encode(f"It is {q.answer}.", add_bos=False)[2]
+                                            for q in qas if q.kind == "color"}
+
+
+def test_a_heavier_answer_raises_the_loss_by_its_share():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(1, 4, 9)), jnp.float32)
+    target = jnp.asarray([[1, 2, 3, nd.IGNORE]])
+    use = target != nd.IGNORE
+    plain = tl._cross_entropy(logits, target, use)
+    weight = jnp.asarray([[1.0, 5.0, 1.0, 1.0]])
+    heavy = tl._cross_entropy(logits, target, use, weight)
+    logp = jax.nn.log_softmax(logits, -1)[0]
+    nll = -np.array([logp[0, 1], logp[1, 2], logp[2, 3]])
+    np.testing.assert_allclose(float(plain), nll.mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(heavy), (nll[0] + 5 * nll[1] + nll[2]) / 3, rtol=1e-6)
+
+
 def test_drawing_sequence_is_the_served_image_prompt_then_codes(tok):
     codes = np.arange(256) + 7
     seq = nd.draw_sequence(tok, codes, nq.image_prompt("red", "circle"))
