@@ -322,13 +322,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `lwm-serve`; returns the exit status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["train-nano"]:
-        # Training runs no slot pool (where multi-threaded Eigen races), and Eigen's
-        # threads make its steps faster on two cores; the shipped weights were trained so
-        # (the flag changes the float summation order, hence the weights).
         from lwm_serve.nano import train as nano_train
 
         return nano_train.main(args_list[1:])
-    use_cpu_safe_xla_flags()
     if not args_list or (args_list[0] not in COMMANDS and args_list[0] not in ("-h", "--help")):
         args_list = ["serve", *args_list]
     if args_list[0] == "plan":

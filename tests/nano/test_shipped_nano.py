@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 
 from lwm_serve.nano import evaluate as ev
-from lwm_serve.nano.local_server import running_server
+from lwm_serve.server.local import running_server
 from lwm_serve.server import runtime
 
 VIDEOS = 20
