@@ -45,8 +45,9 @@ class Run:
     base_url: str
     logs: Path
 
-    def output(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-6000:]}"
+    def output(self, tail: int | None = 6000) -> str:
+        """The processes' logs (each cut to its last `tail` characters; None: whole)."""
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-(tail or 0):]}"
                          for p in sorted(self.logs.glob("*.log")))
 
     def stop(self) -> None:
@@ -149,9 +150,9 @@ def test_two_processes_answer_like_one_and_a_follower_dying_mid_stream_fails_cle
 
     run = _start(tmp_path, reference_dir, "--vqgan", str(reference_dir / "vqgan" / "vqgan_params.pkl"))
     try:
-        out = run.output()
-        assert "process 0 of 2 (8 devices in all, 4 here)" in out and "process 1 of 2" in out, out
-        assert "mesh {'dp': 1, 'fsdp': 1, 'tp': 1, 'sp': 8} over 8 cpu devices" in out, out
+        out = run.output(tail=None)  # the start-up lines, however long the warm-up logged after them
+        assert "process 0 of 2 (8 devices in all, 4 here)" in out and "process 1 of 2" in out, run.output()
+        assert "mesh {'dp': 1, 'fsdp': 1, 'tp': 1, 'sp': 8} over 8 cpu devices" in out, run.output()
         assert _chat_tokens(run.base_url) == expected_chat
         assert _video_answer(run.base_url, clip) == expected_video
 
@@ -198,7 +199,7 @@ def test_an_idle_server_notices_a_dead_follower(tmp_path, reference_dir):
 def test_a_follower_joins_from_the_environment_and_stops_with_process_0(tmp_path, reference_dir):
     run = _start(tmp_path, reference_dir, "--no-warmup", follower_by_env=True)
     try:
-        assert "process 1 of 2 (8 devices in all, 4 here)" in run.output()  # JAX_* variables only
+        assert "process 1 of 2 (8 devices in all, 4 here)" in run.output(tail=None)  # JAX_* variables only
         run.leader.send_signal(signal.SIGTERM)
         assert run.leader.wait(60) in STOPPED_BY_SIGTERM, run.output()
         assert run.follower.wait(60) == 0, run.output()  # process 0 told it to stop
