@@ -213,62 +213,6 @@ def attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> P
     return _token_major(_tile_partial(_grouped(q, k.shape[1]), k, v, mask))
 
 
-# Keys per tile of the cached decode: fixed (not chosen from the batch), so a row's
-# attention is summed over the same key tiles however many rows run beside it.
-DECODE_K_BLOCK = 256
-
-
-def cached_decode_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_slot: jax.Array, q_live: jax.Array,
-                          k_valid: jax.Array, read_length: int | None = None,
-                          k_block: int = DECODE_K_BLOCK) -> Partial:
-    """One query per row over the cache, read in place tile by tile up to the furthest live query.
-
-    A decode step's rows are the cache's first R rows; slicing those rows and
-    the first `read_length` slots out of every layer's cache before attending
-    copied ~50 MB per layer and step at 16 rows (bench-150m), and read every
-    slot up to the (power-of-two) read bucket. Here each key tile is a
-    `dynamic_slice` of the cache itself, and the loop stops at the tile of the
-    furthest live query: a step reads the slots the longest row holds.
-
-    Tile j covers keys [j * kb, (j + 1) * kb) whatever R or `read_length` (the
-    last tile of a length that is no multiple of kb starts earlier and masks
-    the keys its predecessor had), and a tile with no key visible to a row
-    adds exactly nothing to that row (`merge` scales it by exp(MASK - max) =
-    0): a row's result does not depend on the rows beside it.
-
-    Args:
-      q: [R, 1, N, D]; k, v: [B, K, S, D] head-major cache, R <= B.
-      q_slot: [R] slot of each row's query (it sees valid keys at slots <= it).
-      q_live: [R] bool, rows whose query is real (free rows do not extend the loop).
-      k_valid: [B, S] bool.
-      read_length: slots the caller guarantees hold every live row's keys (None: all).
-    Returns:
-      Partial [R, 1, N, ...].
-    """
-    r = q.shape[0]
-    kh, s, d = k.shape[1], k.shape[2], k.shape[3]
-    length = min(read_length or s, s)
-    kb = min(k_block, length)
-    nk = -(-length // kb)
-    last = jnp.max(jnp.where(q_live, q_slot, 0))
-    count = jnp.clip(last // kb + 1, 1, nk)
-    qh = _grouped(q, kh)                                                    # [R, K, G, 1, D]
-    empty = Partial(jnp.zeros(qh.shape, jnp.float32), jnp.full(qh.shape[:-1], -jnp.inf, jnp.float32),
-                    jnp.zeros(qh.shape[:-1], jnp.float32))
-
-    def key_tile(j, acc: Partial) -> Partial:
-        first = j * kb
-        ks = jnp.minimum(first, length - kb)
-        kt = jax.lax.dynamic_slice(k, (0, 0, ks, 0), (r, kh, kb, d))
-        vt = jax.lax.dynamic_slice(v, (0, 0, ks, 0), (r, kh, kb, d))
-        idx = ks + jnp.arange(kb, dtype=jnp.int32)
-        ok = jax.lax.dynamic_slice(k_valid, (0, ks), (r, kb)) & (idx >= first)[None, :]
-        mask = ok & (idx[None, :] <= q_slot[:, None])                      # [R, kb]
-        return merge(acc, _tile_partial(qh, kt, vt, mask[:, None, :]))
-
-    return _token_major(jax.lax.fori_loop(0, count, key_tile, empty))
-
-
 class Tiles(NamedTuple):
     q: int  # queries per tile
     k: int  # keys per tile

@@ -142,12 +142,12 @@ def _cached_attend(cfg: ModelConfig, cache: kvc.KVCache, slots: jax.Array,
         # Write only this layer's new slots (in place: the layer's buffer has no other use).
         kl, vl = kvc.update_layer(ks[layer], vs[layer], k, v, slots)
         ks[layer], vs[layer] = kl, vl
-        if t == 1:  # decode: the cache read in place, up to the longest live row
-            part = attn.cached_decode_partial(q, kl, vl, slots[:, 0], token_valid[:, 0], valid, read_length)
-            out = attn.finalize(part, q.dtype)
+        if not full_view:
+            kl, vl = kl[:r, :, :length], vl[:r, :, :length]
+        if t == 1:  # decode: one query per row, a [R, 1, S] mask is cheap
+            mask = attn.causal_mask(slots, key_idx) & attn.key_mask(read_valid, 1)
+            out = attn.finalize(attn.attend_block(q, kl, vl, mask), q.dtype)
         else:
-            if not full_view:
-                kl, vl = kl[:r, :, :length], vl[:r, :, :length]
             tiles = attn.choose_tiles(t, length, batch=r, heads=q.shape[2])
             part = attn.blockwise_partial(q, kl, vl, slots, key_idx, read_valid,
                                           q_block=tiles.q, k_block=tiles.k)

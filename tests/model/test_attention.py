@@ -170,29 +170,3 @@ def test_choose_tiles_is_bounded_and_fits_the_shape(q_len, kv_len, heads):
     assert tiles.q * tiles.k * heads * 4 <= 2 * attn._TILE_SCORE_BYTES or min(tiles) <= 128  # noqa: SLF001
     if q_len >= 2048:  # long prompts: at least 16 query tiles (diagonal waste < 4%)
         assert q_len // tiles.q >= 16 or tiles.q == 128
-
-
-@pytest.mark.parametrize("read_length,k_block", [(None, 16), (90, 16), (64, 64), (100, 7)])
-def test_cached_decode_reads_the_cache_in_place_as_the_plain_path(read_length, k_block):
-    """Decode over the first R rows of a pool, in tiles up to the furthest live row,
-    equals the plain path on the sliced rows and slots; free rows do not extend it."""
-    b, r, s, n, kh, d = 6, 4, 100, 4, 2, 8
-    q, k, v = _inputs(r, 1, s, n, kh, d, seed=3)
-    _, k, v = _inputs(b, 1, s, n, kh, d, seed=4)
-    length = read_length or s
-    slots = jnp.asarray([5, length - 1, 2, 40], jnp.int32)
-    live = jnp.asarray([True, True, True, False])
-    valid = np.zeros((b, s), bool)
-    for row, slot in enumerate(np.asarray(slots)):
-        valid[row, 2:slot + 1] = True    # left padding, then the row's tokens up to its query
-    valid = jnp.asarray(valid)
-    fn = jax.jit(lambda *a: attn.cached_decode_partial(*a, read_length=read_length, k_block=k_block))
-    got = np.asarray(attn.finalize(fn(q, k, v, slots, live, valid), jnp.float32))
-    ki = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (r, length))
-    mask = attn.index_mask(slots[:, None], ki, valid[:r, :length])
-    want = _reference(q, k[:r, :, :length], v[:r, :, :length], mask)
-    np.testing.assert_allclose(got[:3], want[:3], atol=FP32_TOL, rtol=0)
-    assert np.isfinite(got).all()
-    # a row alone gives what it gives beside the others (the loop count differs; extra tiles add nothing)
-    alone = np.asarray(attn.finalize(fn(q[:1], k, v, slots[:1], live[:1], valid), jnp.float32))
-    np.testing.assert_array_equal(alone[0], got[0])
