@@ -50,7 +50,7 @@ def load_runtime_for(settings: ServerSettings, *, progress: bool = True) -> Runt
 
 async def warm_up(services: Services) -> None:
     """One tiny greedy chat request through the whole stack (compiles a prefill; it
-    waits behind the engine's precompile of every decode shape) while the VQGAN hashes
+    waits behind the engine's precompile of every prefill, copy and decode shape) while the VQGAN hashes
     its parameters and compiles its first encode sizes (`MediaService.prepare`: XLA
     compiles are mostly one thread, the machine has more); then, with the engine idle,
     the encode sizes are timed and the fastest kept (`MediaService.warm_up`): the

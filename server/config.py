@@ -146,7 +146,7 @@ class ServerSettings(BaseSettings):
         "naming a new one beyond gets 429 until DELETE /v1/sessions/{session} releases one)"))
     request_timeout_s: float | None = Field(None, gt=0, le=7 * 24 * 3600, description=(
         "a request still running after this many seconds fails with 504; unset: no limit"))
-    warmup: bool = Field(True, description="compile with one tiny generation before /ready says yes")
+    warmup: bool = Field(True, description="compile every prefill, copy and decode shape before /ready says yes")
     # --- files and media (images / video)
     data_dir: Path | None = Field(None, description=(
         "where uploaded files (files/) and the VQGAN code cache (vision_cache/) live; survives "

@@ -154,7 +154,7 @@ class Engine:
         return pool
 
     def _precompile(self) -> None:
-        """Compiles every decode shape and the common sampling steps (on the worker,
+        """Compiles every prefill, copy and decode shape and the common sampling steps (on the worker,
         before its first request: a request then never stalls the batch on a compile)."""
         t0 = time.monotonic()
         shapes = self.pool.precompile()
@@ -172,7 +172,7 @@ class Engine:
                     time.monotonic() - t0)
 
     def start(self, precompile: bool = False) -> None:
-        """Starts the worker (with `precompile`, it first compiles every decode shape;
+        """Starts the worker (with `precompile`, it first compiles every prefill, copy and decode shape;
         requests submitted meanwhile wait in the queue)."""
         if self._thread is not None:
             return
