@@ -27,11 +27,7 @@ LONG = ("A world model predicts what happens next in a scene from what it has se
 
 def test_follower_replay_ends_with_the_leaders_pool_and_prefix_cache(fixture_runtime, make_server, auth_headers,
                                                                      monkeypatch):
-    sent: collections.deque[np.ndarray] = collections.deque()
-    monkeypatch.setattr(replica.multihost_utils, "broadcast_one_to_all",
-                        lambda x: sent.append(np.array(x, copy=True)) or np.asarray(x))
-    leader = replica.Leader(heartbeat_s=0.2, watch_s=0)
-    server = make_server(dataclasses.replace(fixture_runtime, replica=leader), warmup=False)
+    sent, server = _recorded_leader(fixture_runtime, make_server, monkeypatch)
     url = f"{server.base_url}/v1/chat/completions"
     turns = [{"role": "user", "content": LONG}]
     cached = []
@@ -64,11 +60,7 @@ def test_follower_replay_ends_with_the_leaders_pool_and_prefix_cache(fixture_run
 def test_chat_rows_decoding_beside_a_drawing_replay_on_the_follower(vision_runtime, make_server, auth_headers,
                                                                      monkeypatch):
     """A step over text and vision rows at once (`decode_mixed`) is an op of its own."""
-    sent: collections.deque[np.ndarray] = collections.deque()
-    monkeypatch.setattr(replica.multihost_utils, "broadcast_one_to_all",
-                        lambda x: sent.append(np.array(x, copy=True)) or np.asarray(x))
-    leader = replica.Leader(heartbeat_s=0.2, watch_s=0)
-    server = make_server(dataclasses.replace(vision_runtime, replica=leader), warmup=False)
+    sent, server = _recorded_leader(vision_runtime, make_server, monkeypatch)
     drawing = None
     with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", headers=auth_headers, timeout=300,
                       json={"model": "lwm-fixture", "max_tokens": 400, "ignore_eos": True, "temperature": 0,
@@ -85,6 +77,15 @@ def test_chat_rows_decoding_beside_a_drawing_replay_on_the_follower(vision_runti
     ops = [replica.Op(int(h[0])) for h in sent if len(h) == 8]
     assert replica.Op.DECODE_MIXED in ops
     _assert_same_pool(engine, _replay(sent, vision_runtime, monkeypatch))
+
+
+def _recorded_leader(runtime, make_server, monkeypatch):
+    """A server whose engine leads a multi-host run; what it broadcasts is recorded, in order."""
+    sent: collections.deque[np.ndarray] = collections.deque()
+    monkeypatch.setattr(replica.multihost_utils, "broadcast_one_to_all",
+                        lambda x: sent.append(np.array(x, copy=True)) or np.asarray(x))
+    leader = replica.Leader(heartbeat_s=0.2, watch_s=0)
+    return sent, make_server(dataclasses.replace(runtime, replica=leader), warmup=False)
 
 
 def _replay(sent: collections.deque, runtime, monkeypatch) -> replica.Follower:
