@@ -41,7 +41,7 @@ from lwm_serve.model import config as model_config  # noqa: E402
 from lwm_serve.model.generation import Generator, PromptRow, seed_key  # noqa: E402
 from lwm_serve.model.params import init_params  # noqa: E402
 from lwm_serve.model.sampling import SamplingParams  # noqa: E402
-from lwm_serve.model.runner import chunk_plan  # noqa: E402
+from lwm_serve.model.runner import SlotPool, chunk_plan  # noqa: E402
 
 
 def weight_bytes_per_step(cfg, itemsize: int) -> int:
@@ -103,6 +103,32 @@ def run_one(gen: Generator, prompt_len: int, batch: int, new_tokens: int,
             best[2] = max(best[2], (n - 1) * batch / (t2 - t1))
             best[3] = max(best[3], (n - 1) * batch / max(c2 - c1, 1e-9))
     return best[0], best[1], best[2], best[3]
+
+
+def pool_decode(params, cfg, chunk: int, rows: int, length: int, prompt_len: int, active: int,
+                steps: int) -> float:
+    """Decode tokens/s of `active` rows in an engine-shaped slot pool (`rows` rows of
+    `length` slots, as the server allocates for --max-num-seqs and --max-model-len): the
+    server's decode reads such a pool, most of it empty, not the tight pool `Generator`
+    builds per call."""
+    pool = SlotPool(params, cfg, num_slots=rows, max_length=length, prefill_chunk=chunk)
+    ids = np.random.default_rng(0).integers(3, cfg.vocab_size, prompt_len)
+    task = pool.start_prefill(ids, np.zeros(prompt_len, bool))
+    while not pool.prefill_step(task):
+        pass
+    feed = {}
+    for row in pool.allocate(active):
+        pool.insert(task, row)
+        feed[row] = 5
+    best = 0.0
+    for attempt in range(3):  # the first compiles
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            logits = pool.decode(feed)
+            np.asarray(logits[:1, :1])  # the engine reads every step's tokens back
+        if attempt:
+            best = max(best, steps * active / (time.perf_counter() - t0))
+    return best
 
 
 def _pairs(items: list[str]) -> dict[int, float]:
@@ -176,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefill-chunk", type=int, default=0,
                     help="tokens per prefill step; 0: model.chunking.choose_prefill_chunk")
     ap.add_argument("--quick", action="store_true", help="prompts 512 only")
+    ap.add_argument("--pool", type=int, nargs=2, default=[16, 4096], metavar=("ROWS", "LENGTH"),
+                    help="the engine-shaped slot pool decode is also measured in (0 0: skip)")
     ap.add_argument("--plot", metavar="FILE.png", help="draw the roofline (needs the `bench` extra)")
     ap.add_argument("--clock", choices=["cpu", "wall"], default=None,
                     help="the plot's clock (default: cpu on a CPU backend, wall on an accelerator)")
@@ -206,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{'roof':>8}{'wall':>6}{'cpu':>6} | {'decode tok/s':>13}{'roof':>8}{'ratio':>6}")
     print(header)
     print("-" * len(header))
-    results = []
+    results, pool_results = [], []
     for preset in args.presets:
         for dtype in args.dtypes:
             cfg = model_config.from_preset(preset, dtype=dtype, param_dtype=dtype,
@@ -245,11 +273,26 @@ def main(argv: list[str] | None = None) -> None:
                       f"{many['decode_tok_per_cpu_s'] / one['decode_tok_per_cpu_s']:.2f}x per CPU-second; "
                       f"the memory roof allows {many['decode_roof_tok_s'] / one['decode_roof_tok_s']:.2f}x "
                       "(the KV cache read grows with the batch)")
+            if args.pool[0]:
+                rows, length = args.pool
+                pool_rates = {b: pool_decode(gen.params, gen.cfg, chunk, rows, length, 512, b, args.new_tokens)
+                              for b in sorted({1, min(args.batch, rows)})}
+                for b, rate in pool_rates.items():
+                    roof = b * bandwidth / (weight_bytes_per_step(cfg, itemsize)
+                                            + kv_bytes_per_step(cfg, 512 + args.new_tokens // 2, b, itemsize))
+                    print(f"{preset} {dtype}: engine pool {rows} rows x {length} slots, batch {b}, prompt 512: "
+                          f"decode {rate:.1f} tok/s (roof {roof:.1f}, {rate / roof:.2f})")
+                    pool_results.append(dict(model=preset, dtype=dtype, batch=b, prompt=512, rows=rows, length=length,
+                                             decode_tok_s=rate, decode_roof_tok_s=roof))
+                if len(pool_rates) > 1:
+                    print(f"{preset} {dtype}: engine pool decode batch {max(pool_rates)} / batch 1 = "
+                          f"{pool_rates[max(pool_rates)] / pool_rates[1]:.2f}x")
             del gen, params
     record = dict(bench="generate", device=roofline.device_description(), git=roofline.git_sha(),
                   memory_bandwidth_Bps=bandwidth, memory_bandwidth_Bps_per_cpu_s=cpu_bandwidth,
                   matmul_peak_flops=peaks, matmul_peak_flops_per_cpu_s=cpu_peaks,
-                  new_tokens=args.new_tokens, results=results)
+                  new_tokens=args.new_tokens, results=results,
+                  engine_pool=pool_results)
     roofline.print_json_line(record)
     if args.plot:
         draw(record, args.plot, clock, *refs)

@@ -265,8 +265,33 @@ def choose_tiles(q_len: int, kv_len: int, *, batch: int, heads: int,
     return Tiles(max(1, min(qt, q_len)), max(1, min(kt, kv_len)))
 
 
+# Key tile of a decode step (one query per row), in bytes of K (or V) per tile.
+# A decode step reads the slot pool, whose rows and length exceed what the live
+# rows need: XLA:CPU makes a dot over a slice of a big buffer (`cache[:R, :, :L]`)
+# copy the slice first, single-threaded and out of cache, which cost 3-4x a dot
+# over the whole buffer (bench-150m, fp32, one layer: 4.9-7.3 ms for a 4096-slot
+# row against 0.8-1.0 ms unsliced; batch 8 x 1024 slots 23 ms against 5 ms). Tiles
+# of a few MiB stay in cache: measured, R * T * K * D * 4 bytes of 1.5-6 MiB ran
+# within 1.3-2x of the unsliced dot, while 12 MiB and more fell back to the slice's
+# cost. Measured with bench/generate.py's server-shaped pool.
+_DECODE_TILE_BYTES = 3 << 20
+_MIN_DECODE_TILE = 64
+
+
+def decode_key_block(rows: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """Keys per tile of a decode step over `rows` rows (a power of two, 64..2048)."""
+    per_slot = max(1, rows * kv_heads * head_dim * itemsize)
+    return min(2048, max(_MIN_DECODE_TILE, _pow2_floor(_DECODE_TILE_BYTES // per_slot)))
+
+
 def _slice(x: jax.Array | None, start: jax.Array, size: int, axis: int) -> jax.Array | None:
     return None if x is None else jax.lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+def _kv_tile(x: jax.Array, rows: int, start: jax.Array, size: int) -> jax.Array:
+    """Slots start..start+size of the first `rows` rows of a head-major [B, K, S, D] buffer."""
+    _, kh, _, d = x.shape
+    return jax.lax.dynamic_slice(x, (0, 0, start, 0), (rows, kh, size, d))
 
 
 def blockwise_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array,
@@ -296,9 +321,11 @@ def blockwise_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Arr
     * fp32 scores, softmax statistics and accumulators whatever the input dtype.
 
     Args:
-      q: [B, T, N, D]; k, v: [B, K, S, D] (head-major).
-      q_index, k_index, k_valid, q_segment, k_segment: as in `index_mask`.
-      q_block, k_block: tile sizes (`choose_tiles`).
+      q: [B, T, N, D]; k, v: [B', K, S, D] (head-major), B' >= B: the queries
+        belong to the first B rows (an engine's slot pool is read in place, tile
+        by tile, never sliced whole: see `decode_key_block`).
+      q_index, k_index, k_valid, q_segment, k_segment: as in `index_mask` ([B, ...]).
+      q_block, k_block: tile sizes (`choose_tiles`, `decode_key_block`).
     Returns:
       Partial over all keys, [B, T, ...]; max = -inf, sum = 0 where every tile
       was skipped.
@@ -348,7 +375,7 @@ def blockwise_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Arr
             ki = _slice(k_index, ks, kb, 1)
             kv = _slice(k_valid, ks, kb, 1) & (ks + jnp.arange(kb) >= k_first[j])[None]
             kseg = _slice(k_segment, ks, kb, 1) if use_seg else None
-            kt, vt = _slice(k, ks, kb, 2), _slice(v, ks, kb, 2)
+            kt, vt = _kv_tile(k, b, ks, kb), _kv_tile(v, b, ks, kb)
             part = jax.lax.cond(
                 visible[i, j], lambda: _tile_partial(qt, kt, vt, None),
                 lambda: _tile_partial(qt, kt, vt, index_mask(qi, ki, kv, qseg, kseg)))

@@ -8,9 +8,10 @@ engine (server/engine/) and the one-request `Generator` (model/generation.py).
   interleave chunks with decode steps), then copied into a free row of the pool
   (`insert`). The finished scratch is what the prefix cache keeps.
 * `decode` runs one token for every occupied row. Rows are allocated lowest
-  first and the step runs over the first R rows and reads the first L slots,
-  R and L rounded up to powers of two: a few compiled shapes, and a lightly
-  loaded pool costs what its live requests need.
+  first and the step runs over the first R rows, R rounded up to a power of
+  two; attention reads the pool in place up to the furthest live slot, found at
+  run time (model/attention.py `decode_key_block`): one compiled step per R, and
+  a lightly loaded pool costs what its live requests need.
 
 Why one-row prefills and not paged blocks: each prompt then compiles to the
 same few (chunk, length) shapes whatever else runs, a finished prefill *is* a
@@ -61,7 +62,6 @@ logger = logging.getLogger(__name__)
 
 Head = Literal["text", "vision"]
 TAIL_MIN_BUCKET = 32
-MIN_READ = 512  # shortest slot range a decode step reads (fewer shapes to compile)
 
 
 def next_power_of_two(n: int) -> int:
@@ -333,21 +333,19 @@ class SlotPool:
         fed row writes its next slot and advances; the caller checks that rows
         have room (`room`).
         """
-        rows, read, feed, positions, active = self._decode_inputs(tokens)
-        logits = self._decode_rows(feed, positions, active[:rows], head, read)
+        rows, feed, positions, active = self._decode_inputs(tokens)
+        logits = self._decode_rows(feed, positions, active[:rows], head)
         self._advance(rows, active)
         return logits
 
-    def _decode_rows(self, feed: np.ndarray, positions: np.ndarray, active: np.ndarray, head: Head,
-                     read: int | None) -> jax.Array:
+    def _decode_rows(self, feed: np.ndarray, positions: np.ndarray, active: np.ndarray, head: Head) -> jax.Array:
         logits, self.pool = steps.decode_rows(
             self.params, self.cfg, jnp.asarray(feed), jnp.asarray(positions), jnp.asarray(active), self.pool,
-            head, self.mesh, read)
+            head, self.mesh)
         return logits
 
-    def _decode_inputs(self, tokens: dict[int, int]) -> tuple[int, int | None, np.ndarray, np.ndarray, np.ndarray]:
-        """(rows R run, slots read, the [R] fed tokens, the [R] positions, the [num_slots] active
-        mask) of a step.
+    def _decode_inputs(self, tokens: dict[int, int]) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """(rows R run, the [R] fed tokens, the [R] positions, the [num_slots] active mask) of a step.
 
         Every array is a fresh one that nothing writes to later. On the CPU, JAX may
         use a host array's memory without copying it and read it only when the step
@@ -357,15 +355,11 @@ class SlotPool:
         """
         active = np.zeros(self.num_slots, bool)
         active[list(tokens)] = True
-        if self.mesh is None:
-            rows = min(self.num_slots, next_power_of_two(max(tokens) + 1))
-            read = self.read_bucket(int(self.index[active].max()) + 1)
-        else:
-            rows, read = self.num_slots, None
+        rows = self.num_slots if self.mesh is not None else min(self.num_slots, next_power_of_two(max(tokens) + 1))
         feed = np.zeros(rows, np.int32)
         for row, tok in tokens.items():
             feed[row] = tok
-        return rows, read, feed, self.position[:rows].copy(), active
+        return rows, feed, self.position[:rows].copy(), active
 
     def _advance(self, rows: int, active: np.ndarray) -> None:
         self.index[:rows] += 1
@@ -376,35 +370,25 @@ class SlotPool:
 
         Returns {"text": [R, V], "vision": [R, V_vision]} (each row reads its head's).
         """
-        rows, read, feed, positions, active = self._decode_inputs(tokens)
+        rows, feed, positions, active = self._decode_inputs(tokens)
         is_vision = np.zeros(rows, bool)
         is_vision[list(vision_rows)] = True
         text, vision, self.pool = steps.decode_rows_mixed(
             self.params, self.cfg, jnp.asarray(feed), jnp.asarray(is_vision), jnp.asarray(positions),
-            jnp.asarray(active[:rows]), self.pool, self.mesh, read)
+            jnp.asarray(active[:rows]), self.pool, self.mesh)
         self._advance(rows, active)
         return {"text": text, "vision": vision}
 
-    def read_bucket(self, slots: int) -> int:
-        """Slots a decode step reads when the fullest row needs `slots`: a power of two
-        from MIN_READ on, so a step compiles for few lengths."""
-        return min(self.max_length, max(MIN_READ, next_power_of_two(slots)))
-
-    def decode_shapes(self) -> list[tuple[int, int | None]]:
-        """Every (rows, read length) a decode step can take: what `precompile` builds."""
+    def decode_shapes(self) -> list[int]:
+        """Every row count R a decode step can take (powers of two, then all rows): what
+        `precompile` builds. The slots read are decided at run time, not compiled for."""
         if self.mesh is not None:
-            return [(self.num_slots, None)]
+            return [self.num_slots]
         rows, r = [], 1
         while r < self.num_slots:
             rows.append(r)
             r *= 2
-        rows.append(self.num_slots)
-        reads, n = [], MIN_READ
-        while n < self.max_length:
-            reads.append(n)
-            n *= 2
-        reads.append(self.max_length)
-        return [(r, n) for r in rows for n in sorted(set(min(x, self.max_length) for x in reads))]
+        return rows + [self.num_slots]
 
     def precompile(self, head: Head = "text") -> int:
         """Compiles every prefill, resize, insert and decode shape ahead of serving (a
@@ -418,11 +402,11 @@ class SlotPool:
         if self.used.any():
             raise RuntimeError("precompile runs before any row is used")
         shapes = self._precompile_prefill(head)
-        for rows, read in self.decode_shapes():
+        for rows in self.decode_shapes():
             # A real step with every token invalid: it writes only empty slots, and `insert`
             # resets a row's index before the row is used.
             logits = self._decode_rows(np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.zeros(rows, bool),
-                                       head, read)
+                                       head)
             self.precompile_logits[rows] = logits
         return shapes + len(self.decode_shapes())
 

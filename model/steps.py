@@ -94,28 +94,28 @@ def prefill_into(params: Params, cfg: ModelConfig, tokens: jax.Array, vision_mas
     return _prefill(params, cfg, tokens, vision_mask, attention_mask, positions, cache, head, mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "head", "mesh", "read_length"),
-                   donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "head", "mesh"), donate_argnames=("cache",))
 def decode_rows(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
-                token_valid: jax.Array, cache: KVCache, head: Head, mesh: Mesh | None = None,
-                read_length: int | None = None) -> tuple[jax.Array, KVCache]:
+                token_valid: jax.Array, cache: KVCache, head: Head,
+                mesh: Mesh | None = None) -> tuple[jax.Array, KVCache]:
     """One token for each of the cache's first R rows; logits [R, V] and the cache.
 
     tokens, positions, token_valid: [R] (R <= the cache's rows; rows whose
     `token_valid` is False write an empty slot: free slots of an engine's pool).
-    `read_length` (static) bounds the slots attended to. With a mesh the
-    sequence-sharded decode attends to the whole cache and R must be all rows.
+    Attention reads the cache up to the furthest live slot, decided at run time
+    (one compiled step per R). With a mesh the sequence-sharded decode attends
+    to the whole cache and R must be all rows.
     """
     out = _decode(params, cfg, tokens, jnp.full(tokens.shape, head == "vision"), positions, token_valid, cache,
-                  (head,), mesh, read_length)
+                  (head,), mesh)
     logits = out.text_logits if head == "text" else out.vision_logits
     return logits[:, -1], out.cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "read_length"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"), donate_argnames=("cache",))
 def decode_rows_mixed(params: Params, cfg: ModelConfig, tokens: jax.Array, vision_rows: jax.Array,
-                      positions: jax.Array, token_valid: jax.Array, cache: KVCache, mesh: Mesh | None = None,
-                      read_length: int | None = None) -> tuple[jax.Array, jax.Array, KVCache]:
+                      positions: jax.Array, token_valid: jax.Array, cache: KVCache,
+                      mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array, KVCache]:
     """`decode_rows` for a batch whose rows feed text or vision tokens (`vision_rows` [R] bool).
 
     Both heads' logits come back (text [R, V], vision [R, V_vision]); each row
@@ -123,14 +123,13 @@ def decode_rows_mixed(params: Params, cfg: ModelConfig, tokens: jax.Array, visio
     advances every row's cache index, so a call per head would spend two
     slots per token of each row.
     """
-    out = _decode(params, cfg, tokens, vision_rows, positions, token_valid, cache, ("text", "vision"), mesh,
-                  read_length)
+    out = _decode(params, cfg, tokens, vision_rows, positions, token_valid, cache, ("text", "vision"), mesh)
     return out.text_logits[:, -1], out.vision_logits[:, -1], out.cache
 
 
 def _decode(params: Params, cfg: ModelConfig, tokens: jax.Array, vision_rows: jax.Array, positions: jax.Array,
-            token_valid: jax.Array, cache: KVCache, heads: tuple[Head, ...], mesh: Mesh | None,
-            read_length: int | None) -> transformer.Output:
+            token_valid: jax.Array, cache: KVCache, heads: tuple[Head, ...],
+            mesh: Mesh | None) -> transformer.Output:
     tokens = tokens[:, None]
     vision_mask = vision_rows[:, None]
     if mesh is not None:
@@ -141,7 +140,7 @@ def _decode(params: Params, cfg: ModelConfig, tokens: jax.Array, vision_rows: ja
                                              heads=heads)
     return transformer.forward(params, cfg, tokens, vision_mask, positions[:, None],
                                attention_mask=token_valid[:, None].astype(jnp.int32), cache=cache,
-                               heads=heads, cache_read_length=read_length)
+                               heads=heads)
 
 
 def _slot_numbers(length: int, mesh: Mesh | None) -> jax.Array:

@@ -121,37 +121,44 @@ def _tiled_attend(tokens: jax.Array, token_valid: jax.Array,
 
 
 def _cached_attend(cfg: ModelConfig, cache: kvc.KVCache, slots: jax.Array,
-                   token_valid: jax.Array, read_length: int | None) -> tuple[_Attend, jax.Array]:
+                   token_valid: jax.Array) -> tuple[_Attend, jax.Array]:
     """Single-device attention over the cache; returns (attend, the new valid mask).
 
-    `slots` [R, T] may cover only the cache's first R rows, and attention may
-    read only its first `read_length` slots: an engine's decode step over the
-    occupied part of a slot pool (rows and lengths bucketed by the caller)
-    then costs what the live requests need, not what the pool could hold.
+    `slots` [R, T] may cover only the cache's first R rows (an engine's decode
+    step over the occupied prefix of its slot pool). The cache is read in place,
+    tile by tile, up to the furthest slot a live row attends to (the kernel skips
+    empty tiles at run time): a step costs what the live rows need, not what the
+    pool could hold, and no length has to be compiled for.
     """
     r, t = slots.shape
     rows = jnp.arange(r)[:, None]
     valid = cache.valid.at[rows, slots].set(token_valid, mode="drop")
-    length = read_length or cache.max_length
-    full_view = r == cache.batch_size and length == cache.max_length
-    read_valid = valid if full_view else valid[:r, :length]
-    key_idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (r, length))
+    row_valid = valid[:r]
+    key_idx = jnp.broadcast_to(jnp.arange(cache.max_length, dtype=jnp.int32), (r, cache.max_length))
+    live = jnp.max(jnp.where(row_valid, key_idx, -1)) + 1  # slots up to the furthest live one
 
     def attend(q, k, v, layer, state):
         ks, vs = list(state[0]), list(state[1])
         # Write only this layer's new slots (in place: the layer's buffer has no other use).
         kl, vl = kvc.update_layer(ks[layer], vs[layer], k, v, slots)
         ks[layer], vs[layer] = kl, vl
-        if not full_view:
-            kl, vl = kl[:r, :, :length], vl[:r, :, :length]
-        if t == 1:  # decode: one query per row, a [R, 1, S] mask is cheap
-            mask = attn.causal_mask(slots, key_idx) & attn.key_mask(read_valid, 1)
-            out = attn.finalize(attn.attend_block(q, kl, vl, mask), q.dtype)
-        else:
-            tiles = attn.choose_tiles(t, length, batch=r, heads=q.shape[2])
-            part = attn.blockwise_partial(q, kl, vl, slots, key_idx, read_valid,
-                                          q_block=tiles.q, k_block=tiles.k)
-            out = attn.finalize_or_zero(part, q.dtype)
+        def read(k_block: int) -> jax.Array:
+            part = attn.blockwise_partial(q, kl, vl, slots, key_idx, row_valid, q_block=min(t, tiles.q),
+                                          k_block=k_block)
+            return attn.finalize_or_zero(part, q.dtype)
+
+        if t > 1:
+            tiles = attn.choose_tiles(t, cache.max_length, batch=r, heads=q.shape[2])
+            out = read(tiles.k)
+        else:  # decode: one query per row, tiles sized by the rows read (see decode_key_block)
+            tiles = attn.Tiles(1, attn.decode_key_block(r, kl.shape[1], kl.shape[3], kl.dtype.itemsize))
+            if r == cache.batch_size and tiles.k < cache.max_length:
+                # Every row is read and the live slots fill much of them: one tile over the
+                # whole buffer, the unsliced dot (the fastest read there is), wins.
+                out = jax.lax.cond(live * 5 >= 2 * cache.max_length, lambda: read(cache.max_length),
+                                   lambda: read(tiles.k))
+            else:
+                out = read(tiles.k)
         return out, (tuple(ks), tuple(vs))
 
     return attend, valid
@@ -163,8 +170,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, vision_mask: ja
             heads: Sequence[Head] = ("text", "vision"), last_only: bool = False,
             output_hidden_states: bool = False,
             attention_fn: AttentionFn = attn.dense_attention,
-            layer_attention: LayerAttentionFn | None = None,
-            cache_read_length: int | None = None) -> Output:
+            layer_attention: LayerAttentionFn | None = None) -> Output:
     """Run the decoder.
 
     Args:
@@ -184,9 +190,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, vision_mask: ja
       layer_attention: replaces the cache write + attention of every layer; the
         returned cache then carries the new k/v but the input's `valid`/`index`
         (the override's caller keeps that bookkeeping, in its own layout).
-      cache_read_length: attend to the cache's first slots only (static; the
-        caller guarantees every row's slots so far lie below it). With fewer
-        token rows than cache rows, the tokens belong to the cache's first rows.
+      With fewer token rows than cache rows, the tokens belong to the cache's
+      first rows.
     Returns:
       Output with fp32 logits.
     """
@@ -222,7 +227,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, vision_mask: ja
             return attention_fn(q, k, v, mask), st
     else:
         slots = kvc.write_slots(cache, tokens.shape[1])[:tokens.shape[0]]
-        attend, valid = _cached_attend(cfg, cache, slots, token_valid, cache_read_length)
+        attend, valid = _cached_attend(cfg, cache, slots, token_valid)
         state = (cache.k, cache.v)
 
     hidden: list[jax.Array] = []

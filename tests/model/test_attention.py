@@ -170,3 +170,28 @@ def test_choose_tiles_is_bounded_and_fits_the_shape(q_len, kv_len, heads):
     assert tiles.q * tiles.k * heads * 4 <= 2 * attn._TILE_SCORE_BYTES or min(tiles) <= 128  # noqa: SLF001
     if q_len >= 2048:  # long prompts: at least 16 query tiles (diagonal waste < 4%)
         assert q_len // tiles.q >= 16 or tiles.q == 128
+
+
+def test_decode_reads_a_pool_with_more_rows_than_queries_tile_by_tile():
+    """A decode step's queries belong to the first R rows of a bigger pool: the kernel reads
+    their tiles in place (no slice of the pool) and equals the plain path over those rows,
+    rows of different lengths, empty tails skipped."""
+    pool_rows, r, s, n, kh, d = 5, 3, 200, 4, 2, 8
+    q, _, _ = _inputs(r, 1, s, n, kh, d, seed=1)
+    _, k, v = _inputs(pool_rows, 1, s, n, kh, d, seed=2)
+    lengths = np.array([150, 7, 61])
+    slots = jnp.asarray(lengths[:, None] - 1, jnp.int32)
+    ki = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (r, s))
+    valid = jnp.asarray(np.arange(s)[None, :] < lengths[:, None])
+    want = _reference(q, k[:r], v[:r], attn.index_mask(slots, ki, valid))
+    for kb in (16, 64, s):
+        got = attn.finalize_or_zero(attn.blockwise_partial(q, k, v, slots, ki, valid, q_block=1, k_block=kb),
+                                    jnp.float32)
+        np.testing.assert_allclose(np.asarray(got), want, atol=FP32_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 64, 512])
+def test_decode_key_block_keeps_a_tile_of_the_pool_within_its_budget(rows):
+    kb = attn.decode_key_block(rows, 12, 64, 4)
+    assert kb & (kb - 1) == 0 and 64 <= kb <= 2048
+    assert rows * 12 * 64 * 4 * kb <= attn._DECODE_TILE_BYTES or kb == 64  # noqa: SLF001

@@ -100,7 +100,7 @@ def test_a_decode_step_owns_its_host_inputs(model):
     bumped the mirror in place (jax-ml/jax#37830: that gave wrong logits at random)."""
     pool = _pool(model, prefix=False)
     pool.insert(_run(pool, np.arange(3, 43)), 1)
-    _, _, feed, positions, active = pool._decode_inputs({1: 5})
+    _, feed, positions, active = pool._decode_inputs({1: 5})
     assert positions.tolist() == pool.position[: len(positions)].tolist()
     assert not np.shares_memory(positions, pool.position)
 
