@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     max_tokens = args.max_tokens or (4 if quick else 64)
     width, height, seconds, max_frames = (160, 96, 2.0, 2) if quick else (640, 360, 8.0, None)
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="lwm-vq-bench-") as tmp:
         tmp = Path(tmp)
         clips = [tmp / "clip_a.mp4", tmp / "clip_b.mp4"]
@@ -370,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, (got, want) in checks.items():
         verdict = "(--quick: the targets are for the real-size run)" if quick else ("met" if got <= want else "NOT met")
         print(f"  {label:<58} {got:7.2f} vs {want:6.2f}  {verdict}")
-    print("  (the host is shared with a training job: figures are noisy and slower than a quiet machine)")
+    print(f"  host load (1-min average) {load_before:.2f} before the run on {os.cpu_count()} CPUs: "
+          + ("quiet" if load_before < 0.5 else "shared with other work: figures are slower and noisier than on a quiet machine"))
     for a in asks.values():
         del a["text"]
     print(json.dumps({
