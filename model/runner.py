@@ -42,7 +42,9 @@ recomputation, and a follow-up question recomputes ~32-64 tokens, not a bucket.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -152,6 +154,14 @@ class PrefillTask:
         return self.chunks_total - len(self.chunks)
 
 
+@dataclass(frozen=True)
+class PrecompileJob:
+    """One shape to compile: `length` is the longest scratch it uses (0: a decode step)."""
+
+    length: int
+    run: Callable[[], object]
+
+
 class SlotPool:
     """A pool of `num_slots` cache rows of `max_length` slots each, and its prefill tasks.
 
@@ -177,6 +187,7 @@ class SlotPool:
         self.position = np.zeros(num_slots, np.int32)   # next RoPE position of each row
         self.used = np.zeros(num_slots, bool)
         self.precompile_logits: dict[int, jax.Array] = {}
+        self._jobs: dict[Head, list[PrecompileJob]] = {}
 
     # ------------------------------------------------------------------ layout
 
@@ -390,45 +401,72 @@ class SlotPool:
             r *= 2
         return rows + [self.num_slots]
 
-    def precompile(self, head: Head = "text") -> int:
-        """Compiles every prefill, resize, insert and decode shape ahead of serving (a
-        request then never waits for one); the pool's contents are unchanged in what
-        matters (no row is in use). Returns the number of shapes run.
+    def precompile_jobs(self, head: Head = "text") -> list[PrecompileJob]:
+        """Every prefill, resize, insert and decode shape, one job each, in the order to run
+        them: decode steps first, then scratch lengths shortest first (a job's `length` is
+        the longest scratch it uses, 0 for decode), so a caller can compile the shapes of
+        short prompts before serving and the rest later (`run_precompile_job`).
 
         Each shape runs as a real call on scratch buffers, not `lower().compile()`:
-        that is what fills the jitted functions' own call caches. The logits of the
-        last step at each width are left in `precompile_logits` (rows -> [rows, V]):
-        junk values of exactly the type the sampler meets (placement included)."""
-        if self.used.any():
-            raise RuntimeError("precompile runs before any row is used")
-        shapes = self._precompile_prefill(head)
+        that is what fills the jitted functions' own call caches. The logits of each
+        decode width are left in `precompile_logits` (rows -> [rows, V]): junk values of
+        exactly the type the sampler meets (placement included)."""
+        jobs: list[PrecompileJob] = []
         for rows in self.decode_shapes():
-            # A real step with every token invalid: it writes only empty slots, and `insert`
-            # resets a row's index before the row is used.
-            logits = self._decode_rows(np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.zeros(rows, bool),
-                                       head)
-            self.precompile_logits[rows] = logits
-        return shapes + len(self.decode_shapes())
-
-    def _precompile_prefill(self, head: Head) -> int:
+            jobs.append(PrecompileJob(0, functools.partial(self._precompile_decode, rows, head)))
         lengths = self.prefill_lengths()
-        pieces = piece_sizes(self.prefill_chunk)
-        shapes = 0
-        for length in lengths:
-            # a fresh scratch and one resized from a kept prefix: both kinds a prefill meets
-            for cache in (self._new_cache(1, length), self._resize(self._new_cache(1, lengths[0]), 0, length)):
-                for t in (p for p in pieces if p <= length):
-                    zeros = np.zeros((1, t), np.int32)
-                    _, cache = self._prefill_into(cache, zeros, zeros.astype(bool), np.ones((1, t), bool),
-                                                  zeros, 0, head)
-                    shapes += 1
-            for target in lengths[lengths.index(length):]:
-                self._resize(cache, 0, target)
-                shapes += 1
-            # An empty scratch: row 0 of the pool is left empty (valid all False).
-            self._insert_row(self._new_cache(1, length), 0)
-            shapes += 1
-        return shapes
+        for i, length in enumerate(lengths):
+            for source in lengths[:i + 1]:  # a kept prefix copied into this scratch length
+                jobs.append(PrecompileJob(length, functools.partial(self._precompile_resize, source, length)))
+            for t in (p for p in piece_sizes(self.prefill_chunk) if p <= length):
+                # a piece on a fresh scratch and on one that came out of a jitted step
+                # (a resized prefix, an earlier piece): the two kinds of input a prefill meets
+                for fresh in (True, False):
+                    jobs.append(PrecompileJob(length, functools.partial(self._precompile_piece, length, t,
+                                                                        fresh, head)))
+            # an empty scratch into row 0 (left empty: valid all False)
+            jobs.append(PrecompileJob(length, functools.partial(self._precompile_insert, length)))
+        return jobs
+
+    def run_precompile_job(self, index: int, head: Head = "text") -> None:
+        """Runs job `index` of `precompile_jobs(head)` (the list is built once per head).
+        Only while no row is in use: the steps write junk into row 0 and empty slots."""
+        if self.used.any():
+            raise RuntimeError("precompile jobs run only while no row is in use")
+        if head not in self._jobs:
+            self._jobs[head] = self.precompile_jobs(head)
+        self._jobs[head][index].run()
+
+    def precompile(self, head: Head = "text") -> int:
+        """Compiles every shape (`precompile_jobs`) now; returns how many ran."""
+        count = len(self.precompile_jobs(head))
+        for i in range(count):
+            self.run_precompile_job(i, head)
+        return count
+
+    # Each job allocates its scratch when it runs (a cache made when the jobs are listed
+    # would hold memory for every job at once).
+
+    def _precompile_resize(self, source: int, target: int) -> None:
+        # from a fresh scratch and from one that came out of a jitted step (a kept prefix)
+        self._resize(self._new_cache(1, source), 0, target)
+        self._resize(self._resize(self._new_cache(1, source), 0, source), 0, target)
+
+    def _precompile_insert(self, length: int) -> None:
+        self._insert_row(self._new_cache(1, length), 0)
+
+    def _precompile_decode(self, rows: int, head: Head) -> None:
+        # A real step with every token invalid: it writes only empty slots, and `insert`
+        # resets a row's index before the row is used.
+        self.precompile_logits[rows] = self._decode_rows(np.zeros(rows, np.int32), np.zeros(rows, np.int32),
+                                                         np.zeros(rows, bool), head)
+
+    def _precompile_piece(self, length: int, t: int, fresh: bool, head: Head) -> None:
+        cache = self._new_cache(1, length)
+        if not fresh:
+            cache = self._resize(self._new_cache(1, self.prefill_lengths()[0]), 0, length)
+        zeros = np.zeros((1, t), np.int32)
+        self._prefill_into(cache, zeros, zeros.astype(bool), np.ones((1, t), bool), zeros, 0, head)
 
     def room(self, row: int) -> int:
         """Tokens row `row` can still take."""

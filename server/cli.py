@@ -62,6 +62,8 @@ _SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--max-batch", "max_batch", {"type": int}),
     ("--default-max-tokens", "default_max_tokens", {"type": int}),
     ("--warmup", "warmup", {"action": argparse.BooleanOptionalAction}),
+    ("--compile-cache", "compile_cache", {"action": argparse.BooleanOptionalAction}),
+    ("--compile-cache-dir", "compile_cache_dir", {"metavar": "DIR"}),
     ("--max-num-seqs", "max_num_seqs", {"type": int}),
     ("--kv-cache-bytes", "kv_cache_bytes", {"type": _optional(int), "metavar": "BYTES|none"}),
     ("--prefix-cache-bytes", "prefix_cache_bytes", {"type": int, "metavar": "BYTES"}),

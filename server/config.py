@@ -147,6 +147,11 @@ class ServerSettings(BaseSettings):
     request_timeout_s: float | None = Field(None, gt=0, le=7 * 24 * 3600, description=(
         "a request still running after this many seconds fails with 504; unset: no limit"))
     warmup: bool = Field(True, description="compile every prefill, copy and decode shape before /ready says yes")
+    compile_cache_dir: Path | None = Field(None, description=(
+        "where compiled XLA programs are kept across restarts (JAX's persistent compilation cache: a "
+        "restart loads the warm-up's programs instead of compiling them again). Default: "
+        "$LWM_SERVE_HOME/compile-cache or ~/.cache/lwm-serve/compile-cache"))
+    compile_cache: bool = Field(True, description="keep compiled programs in compile_cache_dir")
     # --- files and media (images / video)
     data_dir: Path | None = Field(None, description=(
         "where uploaded files (files/) and the VQGAN code cache (vision_cache/) live; survives "
@@ -254,10 +259,13 @@ class ServerSettings(BaseSettings):
         """`data_dir`, or its default under $LWM_SERVE_HOME (~/.cache/lwm-serve)."""
         if self.data_dir is not None:
             return Path(self.data_dir)
-        import os
+        return _home() / "data"
 
-        home = os.environ.get("LWM_SERVE_HOME") or Path.home() / ".cache" / "lwm-serve"
-        return Path(home) / "data"
+    def resolved_compile_cache_dir(self) -> Path | None:
+        """Where compiled programs are kept (None: `compile_cache` is off)."""
+        if not self.compile_cache:
+            return None
+        return Path(self.compile_cache_dir) if self.compile_cache_dir is not None else _home() / "compile-cache"
 
     @property
     def mesh_size(self) -> int | None:
@@ -271,3 +279,9 @@ class ServerSettings(BaseSettings):
         if self.api_key:
             keys.add(self.api_key)
         return frozenset(keys)
+
+
+def _home() -> Path:
+    import os
+
+    return Path(os.environ.get("LWM_SERVE_HOME") or Path.home() / ".cache" / "lwm-serve")

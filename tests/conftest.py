@@ -10,7 +10,17 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+# Servers started by the tests (in this process or as subprocesses) share one compilation
+# cache, fresh for each run and removed after it: the same demo model compiles once per
+# run, not once per server, and nothing carries over from an earlier run (or ~/.cache).
+_COMPILE_CACHE = tempfile.mkdtemp(prefix="lwm-test-compile-cache-")
+os.environ["LWM_SERVE_COMPILE_CACHE_DIR"] = _COMPILE_CACHE
+atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
 
 import pytest  # noqa: E402
 

@@ -48,6 +48,11 @@ from lwm_serve.server.engine.scheduler import Scheduler, SchedulerClosedError
 
 logger = logging.getLogger(__name__)
 
+# Scratch lengths (in prefill chunks) whose shapes compile before the engine serves: the
+# prompts of chats and short videos. Longer ones compile in idle time after (`_warm_one`).
+EAGER_PREFILL_CHUNKS = 4
+
+
 class EngineObserver(Protocol):
     """What the engine reports as it works (server/metrics.py implements it)."""
 
@@ -132,6 +137,10 @@ class Engine:
         self._decoding: list[LiveRequest] = []
         self._draining = False
         self._precompile_first = False
+        self._later_jobs: collections.deque[int] = collections.deque()
+        self._warm_t0, self._warm_shapes = 0.0, 0
+        # set once every shape is compiled (at once without precompile: nothing is to come)
+        self.warmed = threading.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -154,10 +163,17 @@ class Engine:
         return pool
 
     def _precompile(self) -> None:
-        """Compiles every prefill, copy and decode shape and the common sampling steps (on the worker,
-        before its first request: a request then never stalls the batch on a compile)."""
+        """Compiles the decode steps, the sampling steps and every prefill and copy shape of
+        scratch lengths up to EAGER_PREFILL_CHUNKS chunks (on the worker, before its first
+        request, so the server's /ready waits for them). Longer scratch lengths are left to
+        `_warm_one`, in idle time: a newcomer waits for what short prompts need, not for
+        every shape a million-token context could take."""
         t0 = time.monotonic()
-        shapes = self.pool.precompile()
+        jobs = self.pool.precompile_jobs()
+        eager = [i for i, job in enumerate(jobs) if job.length <= EAGER_PREFILL_CHUNKS * self.pool.prefill_chunk]
+        for i in eager:
+            self.pool.run_precompile_job(i)
+        self._later_jobs = collections.deque(i for i in range(len(jobs)) if i not in set(eager))
         widths = sorted(self.pool.precompile_logits)
         for width in widths:
             logits = self.pool.precompile_logits[width]
@@ -168,8 +184,22 @@ class Engine:
                 for group in ([LiveRequest(None, req, logits.shape[1])],
                               [LiveRequest(None, req, logits.shape[1]) for _ in range(width)]):
                     live_lib.sample(group, logits, [[r] for r in range(len(group))], pad_to=width)
-        logger.info("precompiled %d prefill, copy and decode shapes and %d sampling widths in %.1f s", shapes, len(widths),
-                    time.monotonic() - t0)
+        self._warm_t0, self._warm_shapes = time.monotonic(), len(self._later_jobs)
+        logger.info("precompiled %d prefill, copy and decode shapes and %d sampling widths in %.1f s; "
+                    "%d shapes of longer prompts compile in idle time", len(eager), len(widths),
+                    time.monotonic() - t0, len(self._later_jobs))
+        if not self._later_jobs:
+            self.warmed.set()
+
+    def _warm_one(self) -> None:
+        """Compiles the next shape left by `_precompile` (called only while nothing runs or
+        waits: a request that comes meanwhile waits for one compile at most, and compiles on
+        first use whatever is not warm yet)."""
+        self.pool.run_precompile_job(self._later_jobs.popleft())
+        if not self._later_jobs:
+            logger.info("idle-time warm-up done: %d shapes in %.1f s", self._warm_shapes,
+                        time.monotonic() - self._warm_t0)
+            self.warmed.set()
 
     def start(self, precompile: bool = False) -> None:
         """Starts the worker (with `precompile`, it first compiles every prefill, copy and decode shape;
@@ -320,9 +350,23 @@ class Engine:
                 self._precompile()
             except Exception:  # serving still works; shapes then compile on first use
                 logger.exception("precompile failed")
+                self._later_jobs.clear()
+        if not self._later_jobs:
+            self.warmed.set()
         while True:
             busy = self._prefilling is not None or bool(self._decoding)
-            head = self._scheduler.peek(0.0 if busy else 0.5)
+            head = self._scheduler.peek(0.0 if busy or self._later_jobs else 0.5)
+            if head is None and not busy and self._later_jobs and not self._scheduler.closed:
+                try:
+                    self._warm_one()
+                except ReplicaLostError as exc:
+                    self._lose(exc)
+                    return
+                except Exception:  # serving still works; shapes then compile on first use
+                    logger.exception("idle-time warm-up failed")
+                    self._later_jobs.clear()
+                    self.warmed.set()
+                continue
             if self._scheduler.closed and not busy and head is None:
                 self._end_all()
                 return

@@ -77,7 +77,7 @@ class Op(enum.IntEnum):
     UNPIN = 10    # fields: owner
     DROP = 11     # payload: task ids
     STOP = 12
-    PRECOMPILE = 13  # fields: head
+    PRECOMPILE = 13  # fields: head, job index (SlotPool.precompile_jobs)
     DECODE_MIXED = 14  # fields: k; payload: rows[k], tokens[k], is_vision[k]
 
 
@@ -256,9 +256,15 @@ class Leader:
         return True
 
     def close(self, wait_s: float = 30.0) -> None:
-        """Tells every follower to exit (once; nothing when the run is already broken), and
-        waits up to `wait_s` for them to leave: process 0 hosts the distributed runtime,
-        and a follower that loses it while still exiting is killed by JAX instead."""
+        """Tells every follower to exit (once; nothing when the run is already broken), then
+        leaves the distributed runtime with them.
+
+        A follower's `jax.distributed.shutdown()` waits at a barrier for every process,
+        this one included; process 0 hosts the runtime, so it must reach that barrier
+        too, not wait for the followers to vanish first (they cannot: that left the
+        follower to be killed in `ShutdownTask` once process 0 gave up and exited).
+        `wait_s` bounds the wait when the runtime cannot be left (then followers
+        that are still there are waited for, as far as heartbeats tell)."""
         if self._stopped:
             return
         stopped = False
@@ -269,7 +275,14 @@ class Leader:
             except ReplicaLostError:
                 pass
         self._stopped = True
-        live = live_processes() if stopped else None
+        if not stopped:
+            return
+        live = live_processes()
+        try:
+            jax.distributed.shutdown()
+            return
+        except Exception:  # noqa: BLE001 - fall back to waiting for the followers to leave
+            logger.exception("leaving the distributed runtime failed")
         deadline = time.monotonic() + wait_s
         while live is not None and time.monotonic() < deadline:
             try:
@@ -375,11 +388,10 @@ class ReplicatedSlotPool(SlotPool):
         self._leader.send(Op.INSERT, (self._tid(task), row))
         super().insert(task, row)
 
-    def precompile(self, head: Head = "text") -> int:
-        self._leader.send(Op.PRECOMPILE, (HEADS.index(head),))
-        shapes = super().precompile(head)
+    def run_precompile_job(self, index: int, head: Head = "text") -> None:
+        self._leader.send(Op.PRECOMPILE, (HEADS.index(head), index))
+        super().run_precompile_job(index, head)
         self.precompile_logits = {rows: to_local(x) for rows, x in self.precompile_logits.items()}
-        return shapes
 
     def decode(self, tokens: dict[int, int], head: Head = "text") -> jax.Array:
         rows = np.asarray(list(tokens), np.int32)
@@ -481,7 +493,7 @@ class Follower:
             for x in out.values():
                 to_local(x)
         elif op is Op.PRECOMPILE:
-            self.pool.precompile(HEADS[f[0]])
+            self.pool.run_precompile_job(f[1], HEADS[f[0]])
         elif op is Op.PIN:
             entry = self.entries.get(f[0])
             if entry is not None and self.prefix is not None:

@@ -10,7 +10,7 @@ from contextlib import aclosing
 import numpy as np
 import pytest
 
-from lwm_serve.model.generation import PromptRow, StepOutput, seed_key
+from lwm_serve.model.generation import Generator, PromptRow, StepOutput, seed_key
 from lwm_serve.model.sampling import SamplingParams
 from lwm_serve.server.engine.engine import Engine
 from lwm_serve.server.engine.request import (GenerationRequest, PrefillProgress, RequestStatus,
@@ -262,9 +262,12 @@ class _CompileCounter:
     def __init__(self) -> None:
         self.compiled: list[str] = []
 
+    # a program loaded from the persistent compilation cache was not precompiled in this process
+    CACHE_HIT = "/jax/compilation_cache/cache_retrieval_time_sec"
+
     def _listen(self, event: str, duration: float, **kwargs) -> None:
-        if event == self.EVENT:
-            self.compiled.append(str(kwargs.get("fun_name")))
+        if event in (self.EVENT, self.CACHE_HIT):
+            self.compiled.append(str(kwargs.get("fun_name", event)))
 
     def __enter__(self) -> "_CompileCounter":
         import jax.monitoring
@@ -296,6 +299,7 @@ def test_after_precompile_prompts_and_follow_ups_compile_nothing(fixture_runtime
 
         async def main():
             await ask([tok.bos_id, 5, 6])  # waits for the precompile; eager host-side ops compile here
+            assert engine.warmed.wait(600)  # and for the idle-time part
             with _CompileCounter() as fresh:
                 await ask(context)
             handles = []
@@ -312,5 +316,38 @@ def test_after_precompile_prompts_and_follow_ups_compile_nothing(fixture_runtime
         assert all(h.record.cached_tokens >= len(context) - 32 for h in handles)
         assert fresh.compiled == [], fresh.compiled
         assert follow.compiled == [], follow.compiled
+    finally:
+        engine.stop()
+
+
+def test_long_prompt_shapes_compile_in_idle_time_after_the_engine_serves(fixture_runtime):
+    """Start-up compiles only what prompts of up to EAGER_PREFILL_CHUNKS chunks need; a
+    request is served while the longer scratch lengths are still to compile, and once the
+    engine has been idle long enough a long prompt compiles nothing."""
+    from lwm_serve.server.engine.engine import EAGER_PREFILL_CHUNKS
+
+    gen = fixture_runtime.generator
+    # chunks of 64 over the 1024-token context: scratch lengths beyond 4 chunks exist
+    small_chunks = Generator(gen.params, gen.cfg, prefill_chunk=64, max_context=gen.context_limit)
+    engine = Engine(small_chunks, max_queue=8, max_num_seqs=2, prefix_cache_bytes=0)
+    engine.start(precompile=True)
+    tok = fixture_runtime.tokenizer
+    chunk = engine.pool.prefill_chunk
+    long_prompt = [tok.bos_id] + np.random.default_rng(1).integers(3, 500, EAGER_PREFILL_CHUNKS * chunk + 40).tolist()
+    assert engine.pool.scratch_length(len(long_prompt)) > EAGER_PREFILL_CHUNKS * chunk  # not an eager shape
+    try:
+        async def main():
+            short = engine.submit(_request(engine, [tok.bos_id, 5, 6], max_new=2, logprobs=False))
+            await _collect(short)
+            assert short.record.status is RequestStatus.FINISHED
+            assert engine.warmed.wait(600)
+            with _CompileCounter() as counter:
+                handle = engine.submit(_request(engine, long_prompt, max_new=2, logprobs=False))
+                await _collect(handle)
+            return short, counter
+
+        short, counter = asyncio.run(main())
+        assert engine._warm_shapes > 0  # noqa: SLF001 - some shapes were left to idle time
+        assert counter.compiled == [], counter.compiled
     finally:
         engine.stop()
