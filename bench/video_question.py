@@ -3,8 +3,9 @@
 Starts `lwm-serve serve` as a process (uvicorn on 127.0.0.1, a free port) on reference-shaped
 random weights: `--load-format dummy --model-config bench-150m`, a real-size VQGAN
 (`VQGANConfig()` defaults, random weights) pickled in a temp dir, `--frame-layout
-vision_chat`, a fresh data dir (empty code cache). Two 8-second 640x360 H.264 clips of
-different content are made with PyAV and uploaded (/v1/files). Then, streamed chat
+vision_chat`, a fresh data dir (empty code cache) and an empty compilation cache (a first
+launch, not a restart). Two 8-second 640x360 H.264 clips of different content are made with
+PyAV and uploaded (/v1/files). Then, streamed chat
 completions (greedy, `ignore_eos`, --max-tokens new tokens, the reference's 8 uniform frames):
 
   1. cold: clip A, sent the moment /ready says yes (launch -> answer counts from the
@@ -290,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         vqgan = write_vqgan(tmp / "vqgan", quick)
         port = free_port()
         cmd = [str(Path(sys.executable).parent / "lwm-serve"), "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--data-dir", str(tmp / "data"), "--frame-layout", "vision_chat", "--no-playground",
+               "--data-dir", str(tmp / "data"), "--compile-cache-dir", str(tmp / "compile-cache"),
+               "--frame-layout", "vision_chat", "--no-playground",
                "--log-level", "info"]
         if quick:  # fewer decode shapes to precompile: one request runs at a time here
             cmd += ["--max-model-len", "1024", "--max-num-seqs", "1"]

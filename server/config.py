@@ -146,7 +146,9 @@ class ServerSettings(BaseSettings):
         "naming a new one beyond gets 429 until DELETE /v1/sessions/{session} releases one)"))
     request_timeout_s: float | None = Field(None, gt=0, le=7 * 24 * 3600, description=(
         "a request still running after this many seconds fails with 504; unset: no limit"))
-    warmup: bool = Field(True, description="compile every prefill, copy and decode shape before /ready says yes")
+    warmup: bool = Field(True, description=(
+        "compile the decode steps and the prefill and copy shapes of prompts up to 4 chunks before "
+        "/ready says yes, and every longer prefill shape in idle time after"))
     compile_cache_dir: Path | None = Field(None, description=(
         "where compiled XLA programs are kept across restarts (JAX's persistent compilation cache: a "
         "restart loads the warm-up's programs instead of compiling them again). Default: "
