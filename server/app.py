@@ -70,10 +70,10 @@ def use_compile_cache(path: Path | None) -> None:
 
 async def warm_up(services: Services) -> None:
     """One tiny greedy chat request through the whole stack (compiles a prefill; it
-    waits behind the engine's precompile of every prefill, copy and decode shape) while the VQGAN hashes
+    waits behind the engine's precompile of the decode steps and short prompts' shapes) while the VQGAN hashes
     its parameters and compiles its first encode sizes (`MediaService.prepare`: XLA
-    compiles are mostly one thread, the machine has more); then, with the engine idle,
-    the encode sizes are timed and the fastest kept (`MediaService.warm_up`): the
+    compiles are mostly one thread, the machine has more); then, with the engine idle
+    (its idle-time warm-up held off), the encode sizes are timed and the fastest kept (`MediaService.warm_up`): the
     timings are the VQGAN's own, and no first video pays a compile."""
     vision = services.vision
     prepared = asyncio.ensure_future(asyncio.to_thread(vision.prepare)) if vision is not None else None
@@ -84,7 +84,11 @@ async def warm_up(services: Services) -> None:
         if prepared is not None:
             await prepared
     if vision is not None:
-        await asyncio.to_thread(vision.warm_up)
+        def timed_warm_up() -> None:
+            with services.engine.defer_idle_work():  # the encode sizes are timed alone
+                vision.warm_up()
+
+        await asyncio.to_thread(timed_warm_up)
 
 
 def build_app(settings: ServerSettings, runtime: RuntimeLike | None = None) -> FastAPI:

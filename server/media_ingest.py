@@ -15,10 +15,12 @@ the pipeline itself, and feeds the observer's frame counter and ingest histogram
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Literal, Protocol, Sequence
 
@@ -110,6 +112,9 @@ class MediaIngester:
         self.stats = IngestStats()
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="lwm-ingest")
+        # held while an item is decoded and encoded: the engine's idle-time compiles wait
+        # meanwhile (they would take the cores the VQGAN runs on)
+        self.busy: Callable[[], AbstractContextManager] = contextlib.nullcontext
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -143,7 +148,7 @@ class MediaIngester:
                     out.append(EncodedMedia(hit[0], hit[1], plan.spec, True, plan.is_image))
                     continue
                 try:
-                    out.append(await loop.run_in_executor(self._executor, self._ingest, i, plan, emit))
+                    out.append(await loop.run_in_executor(self._executor, self._ingest_busy, i, plan, emit))
                 except MediaError as exc:
                     raise media_error(exc, plan.request) from exc
         except asyncio.CancelledError:
@@ -175,6 +180,10 @@ class MediaIngester:
             for pending in (getter, task):
                 if pending is not None and not pending.done():
                     pending.cancel()
+
+    def _ingest_busy(self, index: int, plan: PlannedMedia, emit: Callable[[IngestEvent | None], None]) -> EncodedMedia:
+        with self.busy():
+            return self._ingest(index, plan, emit)
 
     def _ingest(self, index: int, plan: PlannedMedia, emit: Callable[[IngestEvent | None], None]) -> EncodedMedia:
         """`media_ingest.encode_media` with progress events (on the ingest thread).

@@ -108,6 +108,7 @@ def build_services(settings: ServerSettings, runtime: RuntimeLike, observer: Any
                                max_video_seconds=settings.max_video_seconds, auto_fps=settings.auto_fps,
                                max_pixels=settings.max_media_pixels, observer=observer,
                                vqgan_batch=settings.vqgan_batch)
+        vision.ingester.busy = engine.defer_idle_work
     logger.info("data dir %s (files, vision cache); VQGAN %s, frame layout %s", data,
                 "loaded" if vision is not None else "absent (image/video requests get 400)", settings.frame_layout)
     drawer = FrameDrawer(engine, runtime.tokenizer, runtime.vqgan)

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import jax.numpy as jnp
 from lwm_serve.model.generation import ContextLengthError, Generator, PromptRow, StepOutput
@@ -141,6 +142,7 @@ class Engine:
         self._warm_t0, self._warm_shapes = 0.0, 0
         # set once every shape is compiled (at once without precompile: nothing is to come)
         self.warmed = threading.Event()
+        self._deferrals = 0  # holders of `defer_idle_work` (media being encoded)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -190,6 +192,18 @@ class Engine:
                     time.monotonic() - t0, len(self._later_jobs))
         if not self._later_jobs:
             self.warmed.set()
+
+    @contextlib.contextmanager
+    def defer_idle_work(self) -> Iterator[None]:
+        """While held (from any thread), the idle-time warm-up waits: work outside the engine
+        (a video's VQGAN encode) then has the cores to itself."""
+        with self._lock:
+            self._deferrals += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._deferrals -= 1
 
     def _warm_one(self) -> None:
         """Compiles the next shape left by `_precompile` (called only while nothing runs or
@@ -355,8 +369,9 @@ class Engine:
             self.warmed.set()
         while True:
             busy = self._prefilling is not None or bool(self._decoding)
-            head = self._scheduler.peek(0.0 if busy or self._later_jobs else 0.5)
-            if head is None and not busy and self._later_jobs and not self._scheduler.closed:
+            warm = bool(self._later_jobs) and not self._deferrals
+            head = self._scheduler.peek(0.0 if busy or warm else 0.5)
+            if head is None and not busy and warm and not self._scheduler.closed:
                 try:
                     self._warm_one()
                 except ReplicaLostError as exc:

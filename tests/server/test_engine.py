@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from contextlib import aclosing
 
 import numpy as np
@@ -349,5 +350,31 @@ def test_long_prompt_shapes_compile_in_idle_time_after_the_engine_serves(fixture
         short, counter = asyncio.run(main())
         assert engine._warm_shapes > 0  # noqa: SLF001 - some shapes were left to idle time
         assert counter.compiled == [], counter.compiled
+    finally:
+        engine.stop()
+
+
+def test_idle_time_warm_up_waits_while_media_is_encoded(fixture_runtime):
+    """`defer_idle_work` (held by the media ingest while the VQGAN encodes) stops the idle-time
+    compiles: none runs while it is held, and they all run once it is let go."""
+    gen = fixture_runtime.generator
+    engine = Engine(Generator(gen.params, gen.cfg, prefill_chunk=64, max_context=gen.context_limit),
+                    max_queue=8, max_num_seqs=2, prefix_cache_bytes=0)
+    hold = engine.defer_idle_work()
+    hold.__enter__()
+    try:
+        engine.start(precompile=True)
+        for _ in range(600):  # the start-up part is done when the later jobs are listed
+            if engine._later_jobs:  # noqa: SLF001
+                break
+            time.sleep(0.1)
+        left = len(engine._later_jobs)  # noqa: SLF001
+        assert left > 0
+        time.sleep(1.5)
+        assert len(engine._later_jobs) == left and not engine.warmed.is_set()  # noqa: SLF001
+    finally:
+        hold.__exit__(None, None, None)
+    try:
+        assert engine.warmed.wait(600)
     finally:
         engine.stop()
