@@ -219,11 +219,16 @@ class Tiles(NamedTuple):
 
 
 # Score-tile budget of the CPU path: B * N * q * k fp32 scores in flight per tile.
-# Measured on bench-150m (12 heads, D 64, fp32, 2 shared cores; see
-# `choose_tiles`): the per-tile loop overhead of XLA's while loop is ~10-30 us,
-# so a tile must carry milliseconds of matmul; beyond ~8 MiB of scores the
-# exp/max/sum passes fall out of cache and the share of the roof drops again.
-_TILE_SCORE_BYTES = 4 << 20
+# Measured on bench-150m (12 heads, D 64, fp32, a quiet 2-core host, wall clock):
+# XLA:CPU runs a loop-body fusion on one core unless it is big enough to split,
+# so the max / exp / sum passes over a small score tile leave the second core
+# idle. A 512-query chunk against 1K-16K cached keys: 512 x 256 tiles (6 MiB of
+# scores) ran in 13 / 23 / 88 / 177 ms at 1K / 2K / 8K / 16K keys, against 20 /
+# 41 / 164 / 330 ms for the 128 x 256 tiles that CPU-second measurements on a
+# shared host had picked (the same CPU seconds, now on both cores); 512 x 512 and
+# 256 x 512 were slower again (12 MiB falls out of cache; short query tiles).
+_TILE_SCORE_BYTES = 6 << 20
+_MAX_Q_TILE = 512
 _MAX_TILE = 1024
 
 
@@ -235,17 +240,19 @@ def choose_tiles(q_len: int, kv_len: int, *, batch: int, heads: int,
                  cap: Tiles | None = None) -> Tiles:
     """Tile sizes for `blockwise_partial` on this shape.
 
-    The argument (see the measurements in bench/generate.py's module notes):
+    The argument (measurements above `_TILE_SCORE_BYTES`):
     * a tile's matmuls (2 * 2 * q * k * D FLOPs per head) must dwarf the fixed
-      cost of one loop iteration and of the online-softmax merge (O(q * D));
+      cost of one loop iteration and of the online-softmax merge (O(q * D)), and
+      its elementwise passes must be big enough for XLA to spread over the cores;
     * the fp32 score tile (batch * heads * q * k * 4 bytes) is read and written
       by the max / exp / sum passes: it must stay in cache, so q * k is bounded
       by `_TILE_SCORE_BYTES / (batch * heads * 4)`;
-    * causal prefill wastes the masked half of each diagonal tile: with
-      q_len / q tiles per row, the waste is q / (2 * q_len) of the attention
-      work, under 4% once there are >= 16 query tiles, so the query side stops
-      growing at q_len / 16 (but never under 128, the loop cost bound);
-    * square tiles (q = k) keep that diagonal waste lowest for a given area.
+    * within that area, tall tiles (up to 512 queries: a whole prefill chunk)
+      measured fastest: each key tile is read once per query tile;
+    * causal prefill wastes the masked half of each diagonal tile, q / (2 * q_len)
+      of the attention work: 3% for 512-query tiles over an 8K prompt, and for a
+      512-token chunk late in a long cache only its own last keys are diagonal;
+      where keys are fewer than 4x the queries, the tiles stay short (128 x 256).
     Powers of two, so bucketed lengths (model/steps.py) split into whole tiles
     and only the last tile of an odd length is clamped (see `blockwise_partial`).
 
@@ -256,10 +263,13 @@ def choose_tiles(q_len: int, kv_len: int, *, batch: int, heads: int,
         planner's memory estimate assumes); None: no cap.
     """
     area = max(1, _TILE_SCORE_BYTES // (4 * max(1, batch) * max(1, heads)))
-    side = min(_MAX_TILE, max(128, _pow2_floor(int(area ** 0.5))))
-    qt = min(side, max(128, _pow2_floor(max(1, q_len // 16))))
-    kt = min(_MAX_TILE, _pow2_floor(area // qt)) if area // qt >= 128 else 128
-    kt = min(kt, max(side, qt))
+    qt = max(128, min(_MAX_Q_TILE, _pow2_floor(max(1, q_len)), _pow2_floor(max(1, area // 256))))
+    kt = min(_MAX_TILE, max(128, _pow2_floor(max(1, area // qt))))
+    if kv_len < 4 * q_len:
+        # Mostly diagonal (a short prompt, a first chunk): tall tiles would compute the
+        # masked half of most of them. 128 x 256 measured 8% faster on a 512-token prompt.
+        qt = min(qt, max(128, _pow2_floor(max(1, q_len // 4))))
+        kt = min(kt, 2 * qt)
     if cap is not None:
         qt, kt = min(qt, cap.q), min(kt, cap.k)
     return Tiles(max(1, min(qt, q_len)), max(1, min(kt, kv_len)))
