@@ -52,6 +52,10 @@ logger = logging.getLogger(__name__)
 # Scratch lengths (in prefill chunks) whose shapes compile before the engine serves: the
 # prompts of chats and short videos. Longer ones compile in idle time after (`_warm_one`).
 EAGER_PREFILL_CHUNKS = 4
+# Idle-time compiles start only after the engine has had nothing to run for this long:
+# a client sending requests back to back (a chat turn after turn, a benchmark) is not
+# made to wait behind a compile between two of them.
+IDLE_BEFORE_WARM_S = 2.0
 
 
 class EngineObserver(Protocol):
@@ -143,6 +147,7 @@ class Engine:
         # set once every shape is compiled (at once without precompile: nothing is to come)
         self.warmed = threading.Event()
         self._deferrals = 0  # holders of `defer_idle_work` (media being encoded)
+        self._last_busy = 0.0  # when a request last ran (idle-time work waits IDLE_BEFORE_WARM_S after)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -206,9 +211,10 @@ class Engine:
                 self._deferrals -= 1
 
     def _warm_one(self) -> None:
-        """Compiles the next shape left by `_precompile` (called only while nothing runs or
-        waits: a request that comes meanwhile waits for one compile at most, and compiles on
-        first use whatever is not warm yet)."""
+        """Compiles the next shape left by `_precompile` (called only once nothing has run or
+        waited for IDLE_BEFORE_WARM_S, and no media is being encoded: a request that comes
+        meanwhile waits for one compile at most, and compiles on first use whatever is not
+        warm yet)."""
         self.pool.run_precompile_job(self._later_jobs.popleft())
         if not self._later_jobs:
             logger.info("idle-time warm-up done: %d shapes in %.1f s", self._warm_shapes,
@@ -369,8 +375,11 @@ class Engine:
             self.warmed.set()
         while True:
             busy = self._prefilling is not None or bool(self._decoding)
-            warm = bool(self._later_jobs) and not self._deferrals
-            head = self._scheduler.peek(0.0 if busy or warm else 0.5)
+            if busy:
+                self._last_busy = time.monotonic()
+            warm = (bool(self._later_jobs) and not self._deferrals
+                    and time.monotonic() - self._last_busy >= IDLE_BEFORE_WARM_S)
+            head = self._scheduler.peek(0.0 if busy or warm else (0.1 if self._later_jobs else 0.5))
             if head is None and not busy and warm and not self._scheduler.closed:
                 try:
                     self._warm_one()
