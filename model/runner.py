@@ -21,8 +21,9 @@ The price is one copy of the prompt's cache into the pool (memory-bound, small
 next to the prefill that made it).
 
 Shapes: every prefill step, row copy and insert runs at one of a bounded set of
-shapes, all compiled by `precompile` before the server says it is ready, so no
-request (a follow-up question on a kept video above all) waits for a compile:
+shapes, each a job of `precompile_jobs` (the server runs those of short prompts
+before it says it is ready and the rest in idle time), so no request (a follow-up
+question on a kept video above all) waits for a compile:
 
 * pieces (tokens per prefill step): powers of two from `TAIL_MIN_BUCKET` up to
   the chunk, and the chunk;

@@ -177,10 +177,10 @@ class Engine:
         every shape a million-token context could take."""
         t0 = time.monotonic()
         jobs = self.pool.precompile_jobs()
-        eager = [i for i, job in enumerate(jobs) if job.length <= EAGER_PREFILL_CHUNKS * self.pool.prefill_chunk]
-        for i in eager:
+        eager = {i for i, job in enumerate(jobs) if job.length <= EAGER_PREFILL_CHUNKS * self.pool.prefill_chunk}
+        for i in sorted(eager):
             self.pool.run_precompile_job(i)
-        self._later_jobs = collections.deque(i for i in range(len(jobs)) if i not in set(eager))
+        self._later_jobs = collections.deque(i for i in range(len(jobs)) if i not in eager)
         widths = sorted(self.pool.precompile_logits)
         for width in widths:
             logits = self.pool.precompile_logits[width]
@@ -222,8 +222,9 @@ class Engine:
             self.warmed.set()
 
     def start(self, precompile: bool = False) -> None:
-        """Starts the worker (with `precompile`, it first compiles every prefill, copy and decode shape;
-        requests submitted meanwhile wait in the queue)."""
+        """Starts the worker (with `precompile`, it first compiles the decode steps and the shapes of
+        short prompts, and the rest in idle time after: see `_precompile`; requests submitted
+        meanwhile wait in the queue)."""
         if self._thread is not None:
             return
         if self.pool is None:
