@@ -142,23 +142,22 @@ def _cached_attend(cfg: ModelConfig, cache: kvc.KVCache, slots: jax.Array,
         # Write only this layer's new slots (in place: the layer's buffer has no other use).
         kl, vl = kvc.update_layer(ks[layer], vs[layer], k, v, slots)
         ks[layer], vs[layer] = kl, vl
-        def read(k_block: int) -> jax.Array:
-            part = attn.blockwise_partial(q, kl, vl, slots, key_idx, row_valid, q_block=min(t, tiles.q),
-                                          k_block=k_block)
+
+        def read(tiles: attn.Tiles) -> jax.Array:
+            part = attn.blockwise_partial(q, kl, vl, slots, key_idx, row_valid, q_block=tiles.q, k_block=tiles.k)
             return attn.finalize_or_zero(part, q.dtype)
 
         if t > 1:
-            tiles = attn.choose_tiles(t, cache.max_length, batch=r, heads=q.shape[2])
-            out = read(tiles.k)
+            out = read(attn.choose_tiles(t, cache.max_length, batch=r, heads=q.shape[2]))
         else:  # decode: one query per row, tiles sized by the rows read (see decode_key_block)
             tiles = attn.Tiles(1, attn.decode_key_block(r, kl.shape[1], kl.shape[3], kl.dtype.itemsize))
             if r == cache.batch_size and tiles.k < cache.max_length:
                 # Every row is read and the live slots fill much of them: one tile over the
                 # whole buffer, the unsliced dot (the fastest read there is), wins.
-                out = jax.lax.cond(live * 5 >= 2 * cache.max_length, lambda: read(cache.max_length),
-                                   lambda: read(tiles.k))
+                out = jax.lax.cond(live * 5 >= 2 * cache.max_length, lambda: read(attn.Tiles(1, cache.max_length)),
+                                   lambda: read(tiles))
             else:
-                out = read(tiles.k)
+                out = read(tiles)
         return out, (tuple(ks), tuple(vs))
 
     return attend, valid
