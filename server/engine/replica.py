@@ -256,15 +256,9 @@ class Leader:
         return True
 
     def close(self, wait_s: float = 30.0) -> None:
-        """Tells every follower to exit (once; nothing when the run is already broken), then
-        leaves the distributed runtime with them.
-
-        A follower's `jax.distributed.shutdown()` waits at a barrier for every process,
-        this one included; process 0 hosts the runtime, so it must reach that barrier
-        too, not wait for the followers to vanish first (they cannot: that left the
-        follower to be killed in `ShutdownTask` once process 0 gave up and exited).
-        `wait_s` bounds the wait when the runtime cannot be left (then followers
-        that are still there are waited for, as far as heartbeats tell)."""
+        """Tells every follower to exit (once; nothing when the run is already broken), and
+        waits up to `wait_s` for them to leave: process 0 hosts the distributed runtime,
+        and a follower that loses it while still exiting is killed by JAX instead."""
         if self._stopped:
             return
         stopped = False
@@ -275,14 +269,7 @@ class Leader:
             except ReplicaLostError:
                 pass
         self._stopped = True
-        if not stopped:
-            return
-        live = live_processes()
-        try:
-            jax.distributed.shutdown()
-            return
-        except Exception:  # noqa: BLE001 - fall back to waiting for the followers to leave
-            logger.exception("leaving the distributed runtime failed")
+        live = live_processes() if stopped else None
         deadline = time.monotonic() + wait_s
         while live is not None and time.monotonic() < deadline:
             try:
