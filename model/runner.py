@@ -434,13 +434,17 @@ class SlotPool:
         Only while no row is in use: the steps write junk into row 0 and empty slots."""
         if self.used.any():
             raise RuntimeError("precompile jobs run only while no row is in use")
+        self.job_list(head)[index].run()
+
+    def job_list(self, head: Head = "text") -> list[PrecompileJob]:
+        """`precompile_jobs(head)`, listed once per pool."""
         if head not in self._jobs:
             self._jobs[head] = self.precompile_jobs(head)
-        self._jobs[head][index].run()
+        return self._jobs[head]
 
     def precompile(self, head: Head = "text") -> int:
         """Compiles every shape (`precompile_jobs`) now; returns how many ran."""
-        count = len(self.precompile_jobs(head))
+        count = len(self.job_list(head))
         for i in range(count):
             self.run_precompile_job(i, head)
         return count

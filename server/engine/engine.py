@@ -176,7 +176,7 @@ class Engine:
         `_warm_one`, in idle time: a newcomer waits for what short prompts need, not for
         every shape a million-token context could take."""
         t0 = time.monotonic()
-        jobs = self.pool.precompile_jobs()
+        jobs = self.pool.job_list()
         eager = {i for i, job in enumerate(jobs) if job.length <= EAGER_PREFILL_CHUNKS * self.pool.prefill_chunk}
         for i in sorted(eager):
             self.pool.run_precompile_job(i)
