@@ -25,6 +25,7 @@ import numpy as np
 from lwm_serve.model import checkpoint
 from lwm_serve.model import config as model_config
 from lwm_serve.nano import data as nd
+from lwm_serve.nano import probe
 from lwm_serve.nano import questions as nq
 from lwm_serve.nano import vqgan_fit as vf
 from lwm_serve.nano import world
@@ -47,8 +48,8 @@ class Recipe:
     decoder_batch: int = 8
     # language model
     lm_videos: int = 2400
-    lm_images: int = 2400
-    lm_draws: int = 900
+    lm_images: int = 8000
+    lm_draws: int = 1800
     steps: int = 3200
     tokens_per_batch: int = 4096
     lr: float = 3e-3
@@ -56,13 +57,28 @@ class Recipe:
     uncond_every: int = 2  # every n-th drawing is also trained as the CFG partner `<s><vision>`
     layout: str = "standard"
     answer_weight: float = 5.0  # loss weight of the reply tokens that decide the answer
+    vision_weight: float = 0.5  # loss weight of the media's next-code targets in question batches
+    # Share of the batches drawn from images (0: by their share of tokens, about 1/6). An image
+    # carries its questions in 300 tokens where a video needs 1,000-2,000: shape, colour and
+    # count are learnt from many more examples per step.
+    image_share: float = 0.5
+    video_objects: int = 0  # training videos hold this many objects (0: the world's 1-3)
+    video_frames: int = 0  # training videos have this many frames (0: the world's 4-8)
+    question_kinds: tuple[str, ...] = ()  # train only these question types (empty: all)
+    # held-out teacher-forced accuracy (nano/probe.py) every `probe_every` steps (0: never)
+    probe_every: int = 200
+    probe_videos: int = 40
+    probe_images: int = 30
 
 
-DRAW_SIZES = (64, 80, 96)  # bounding-box sides of the objects the model learns to draw
+# Bounding-box sides of the objects the model learns to draw: half a patch past a patch
+# edge, so the object's right and bottom sides fall inside a patch and its codes there
+# say "the object ends here".
+DRAW_SIZES = (56, 72, 88)
 
 # A recipe small enough for a smoke test of the whole pipeline (minutes, meaningless weights).
 QUICK = Recipe(vq_videos=20, decoder_steps=2, lm_videos=12, lm_images=12, lm_draws=8, steps=4, warmup=1,
-               tokens_per_batch=2048)
+               tokens_per_batch=2048, probe_every=2, probe_videos=2, probe_images=2)
 
 
 def _progress(total: int, desc: str):
@@ -114,14 +130,21 @@ def fit_vqgan(recipe: Recipe, log: dict[str, Any]) -> dict[str, Any]:
 
 def _video_sequences(tok, vq_params, recipe: Recipe, rng: np.random.Generator) -> list[nd.Sequence_]:
     seqs = []
+    shape = {k: v for k, v in (("num_objects", recipe.video_objects), ("num_frames", recipe.video_frames)) if v}
     for i in range(recipe.lm_videos):
-        scene = world.scene_from_seed(recipe.seed * 10**6 + 100_000 + i)
+        scene = world.scene_from_seed(recipe.seed * 10**6 + 100_000 + i, **shape)
         codes = vf.fast_codes(vq_params, decoded_frames(scene), batch=8).reshape(scene.num_frames, -1)
-        qas = nq.questions_for(scene, "video")
+        qas = _asked(recipe, nq.questions_for(scene, "video"))
+        if not qas:
+            continue
         rng.shuffle(qas)
         seqs.append(nd.qa_sequence(tok, codes, qas, recipe.layout, f"video-{scene.num_frames}",
                                    recipe.answer_weight))
     return seqs
+
+
+def _asked(recipe: Recipe, qas: list[nq.QA]) -> list[nq.QA]:
+    return [qa for qa in qas if qa.kind in recipe.question_kinds] if recipe.question_kinds else qas
 
 
 def _image_sequences(tok, vq_params, recipe: Recipe, rng: np.random.Generator) -> list[nd.Sequence_]:
@@ -133,25 +156,30 @@ def _image_sequences(tok, vq_params, recipe: Recipe, rng: np.random.Generator) -
         frames.append(decode_media(world.image_png(scene))[0][1])
     codes = vf.fast_codes(vq_params, np.stack(frames)).reshape(len(frames), 1, -1)
     for scene, c in zip(scenes, codes):
-        qas = nq.questions_for(scene, "image")
+        qas = _asked(recipe, nq.questions_for(scene, "image"))
+        if not qas:
+            continue
         rng.shuffle(qas)
         seqs.append(nd.qa_sequence(tok, c, qas, recipe.layout, "image", recipe.answer_weight))
     return seqs
 
 
 def _draw_sequences(tok, vq_params, recipe: Recipe, rng: np.random.Generator) -> list[nd.Sequence_]:
-    """Drawing lessons: "a {color} {shape}." then the codes of that object, centred.
+    """Drawing lessons: "a {color} {shape}." then the codes of that object, in the top-left corner.
 
-    The object sits in the middle at one of `DRAW_SIZES`: a drawing is free to put
-    it anywhere, and a fixed place leaves the model one decision (which colour and
-    shape), where a random place makes every patch a guess whether the object
-    starts there, and sampling then scatters fragments of several objects.
+    A drawing is free to put the object anywhere. A random place makes every patch a
+    guess whether the object starts there, and sampling then scatters fragments of
+    several objects. The middle of the frame (the previous recipe) asks the model to
+    know that it stands at code ~100 of 256, and a RoPE model has no absolute position
+    to know it by. In the corner the object starts with the first code, each row
+    continues the row above (16 codes back), and the codes of its right and bottom sides
+    (`DRAW_SIZES`) say where it ends. Neither place is drawn recognisably yet (README).
     """
     seqs = []
     frames, objs = [], []
     for i in range(recipe.lm_draws):
         color, shape = str(rng.choice(list(world.COLORS))), str(rng.choice(world.SHAPES))
-        scene = world.centred_scene(shape, color, int(rng.choice(DRAW_SIZES)))
+        scene = world.corner_scene(shape, color, int(rng.choice(DRAW_SIZES)))
         objs.append(scene.objects[0])
         frames.append(decode_media(world.image_png(scene))[0][1])
     codes = vf.fast_codes(vq_params, np.stack(frames))
@@ -180,6 +208,10 @@ def _batches(seqs: list[nd.Sequence_], recipe: Recipe, rng: np.random.Generator)
     keys = sorted(groups)
     weights = np.array([sum(len(s) for s in groups[k]) for k in keys], float)
     weights /= weights.sum()
+    images = np.array([k[0] == "image" for k in keys])
+    if recipe.image_share and images.any() and not images.all():
+        weights[images] *= recipe.image_share / weights[images].sum()
+        weights[~images] *= (1 - recipe.image_share) / weights[~images].sum()
     cursors = {k: 0 for k in keys}
     orders = {k: rng.permutation(len(groups[k])) for k in keys}
     while True:
@@ -213,9 +245,12 @@ def train_lm(tok, vq_params, recipe: Recipe, log: dict[str, Any],
     schedule = optax.warmup_cosine_decay_schedule(0.0, recipe.lr, recipe.warmup, recipe.steps, recipe.lr * 0.05)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.98, weight_decay=0.01))
     opt_state = optimizer.init(params)
-    update = tl.make_update(cfg, optimizer, vf.NUM_USED)
+    update = tl.make_update(cfg, optimizer, vf.NUM_USED, recipe.vision_weight)
     batches = _batches(seqs, recipe, rng)
     losses: list[tuple[int, bool, float]] = []
+    probes: list[tuple[int, dict[str, Any]]] = []
+    held_out = (probe.build(tok, vq_params, recipe.probe_videos, recipe.probe_images, recipe.layout)
+                if recipe.probe_every else None)
     bar = _progress(recipe.steps, "LWM-Nano")
     for step in range(recipe.steps):
         draw, batch = next(batches)
@@ -229,8 +264,13 @@ def train_lm(tok, vq_params, recipe: Recipe, log: dict[str, Any],
         if step % 10 == 0:
             recent = [l for _, d, l in losses[-50:] if not d]
             bar.set_postfix(loss=f"{np.mean(recent):.3f}" if recent else "-")
+        if held_out is not None and ((step + 1) % recipe.probe_every == 0 or step + 1 == recipe.steps):
+            acc = probe.accuracy(params, cfg, held_out, tl.causal_blocked_attention)
+            probes.append((step + 1, acc))
+            logger.info("step %d held-out: %s", step + 1,
+                        " ".join(f"{k} {v:.2f}" for k, v in acc.items() if k != "n"))
     bar.close()
-    log["lm"] = {"sequences": len(seqs), "data_seconds": t_data, "losses": losses,
+    log["lm"] = {"sequences": len(seqs), "data_seconds": t_data, "losses": losses, "probe": probes,
                  "seconds": time.perf_counter() - t0, "config": model_config.to_reference_dict(cfg)}
     return cfg, jax.tree_util.tree_map(np.asarray, params)
 
@@ -241,7 +281,8 @@ def plot_losses(log: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    probes = log["lm"].get("probe") or []
+    fig, axes = plt.subplots(1, 3 if probes else 2, figsize=(15 if probes else 10, 3.5))
     axes[0].plot(log["vqgan"]["decoder_mse"])
     axes[0].set(title="VQGAN decoder", xlabel="step", ylabel="MSE", yscale="log")
     for draw, name in ((False, "questions (answers + next code)"), (True, "drawings (codes)")):
@@ -251,6 +292,14 @@ def plot_losses(log: dict[str, Any], path: Path) -> None:
             axes[1].plot(s, l, ".", ms=2, label=name)
     axes[1].set(title="LWM-Nano", xlabel="step", ylabel="cross-entropy", yscale="log")
     axes[1].legend()
+    if probes:
+        steps = [s for s, _ in probes]
+        for kind in [k for k in probes[-1][1] if k not in ("n", "all")] + ["all"]:
+            axes[2].plot(steps, [acc.get(kind, np.nan) for _, acc in probes], "-o", ms=3, label=kind,
+                         lw=2 if kind == "all" else 1)
+        axes[2].set(title="held-out answers (teacher-forced, nano/probe.py)", xlabel="step",
+                    ylabel="share right", ylim=(0, 1))
+        axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

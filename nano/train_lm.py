@@ -30,7 +30,7 @@ Params = dict[str, Any]
 _BLOCK = 256
 
 
-def _causal_blocked_attention(q, k, v, mask):
+def causal_blocked_attention(q, k, v, mask):
     """Softmax attention, query block by query block over the keys up to that block.
 
     The same math as `attention.dense_attention` (its `attend_block`); skipping the
@@ -79,16 +79,17 @@ def _cross_entropy(logits: jax.Array, target: jax.Array, use: jax.Array, weight:
 
 
 def _loss(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], full_vision_vocab: bool,
-          used_codes: int) -> jax.Array:
+          used_codes: int, vision_weight: float = VISION_WEIGHT) -> jax.Array:
     """Answers' cross-entropy + VISION_WEIGHT x next-code cross-entropy.
 
     Drawing batches take the softmax over the whole vision vocabulary, so codes
     the VQGAN never uses are pushed down where sampling would meet them; other
-    batches over the used codes and the two delimiters only (8x cheaper).
+    batches over the used codes and the two delimiters only (8x cheaper), weighted
+    `vision_weight` (0: the media's codes are not trained, only the answers).
     """
     out = transformer.forward(params, cfg, batch["ids"], batch["vision"], batch["positions"],
                               attention_mask=batch["valid"], heads=(), output_hidden_states=True,
-                              attention_fn=_causal_blocked_attention)
+                              attention_fn=causal_blocked_attention)
     h = out.hidden_states[-1]  # ln_f output [B, T, H]
     target = batch["target"]
     trained = target != IGNORE
@@ -97,19 +98,19 @@ def _loss(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], full_vi
     kernel = params["vision_head"]["kernel"]
     use_v = trained & batch["target_vision"]
     if full_vision_vocab:
-        vision = _cross_entropy(h @ kernel, target, use_v)
-    else:
-        k = jnp.concatenate([kernel[:, :used_codes], kernel[:, vl.END_OF_FRAME:vl.END_OF_VISION + 1]], axis=1)
-        t = jnp.where(target >= vl.END_OF_FRAME, target - vl.END_OF_FRAME + used_codes, target)
-        vision = _cross_entropy(h @ k, t, use_v)
-    return text + VISION_WEIGHT * vision
+        return text + VISION_WEIGHT * _cross_entropy(h @ kernel, target, use_v)
+    if not vision_weight:
+        return text
+    k = jnp.concatenate([kernel[:, :used_codes], kernel[:, vl.END_OF_FRAME:vl.END_OF_VISION + 1]], axis=1)
+    t = jnp.where(target >= vl.END_OF_FRAME, target - vl.END_OF_FRAME + used_codes, target)
+    return text + vision_weight * _cross_entropy(h @ k, t, use_v)
 
 
-def make_update(cfg: ModelConfig, optimizer, used_codes: int) -> Callable:
+def make_update(cfg: ModelConfig, optimizer, used_codes: int, vision_weight: float = VISION_WEIGHT) -> Callable:
     """One jitted step per (shape, drawing?): (params, opt_state, batch, draw) -> (params, opt_state, loss)."""
 
     def update(params, opt_state, batch, draw):
-        loss, grads = jax.value_and_grad(_loss)(params, cfg, batch, draw, used_codes)
+        loss, grads = jax.value_and_grad(_loss)(params, cfg, batch, draw, used_codes, vision_weight)
         import optax  # training only
 
         updates, opt_state = optimizer.update(grads, opt_state, params)

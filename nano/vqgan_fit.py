@@ -9,10 +9,13 @@ The encoder is *constructed*, not trained: its convolutions are set so that a
 using only what the architecture offers: the stem copies the channels, each
 stride-2 downsampling conv either averages 2x2 pixels or moves them into
 channels (space to depth), every residual block is the identity (its last conv
-is zero), and the last level's shortcut conv writes each signal `s` next to
-`1 - s`. That pairing matters: the encoder's final GroupNorm (32 groups) then
-normalizes each pair by mean 0.5 and a variance near 0.25, whatever the image,
-so a patch gets nearly the same descriptor in every frame it appears in.
+is zero), and the last level's shortcut conv writes each signal `s` into one
+GroupNorm group of four channels, `s`, `1 - s`, `0.5 + A`, `0.5 - A` (the last two
+constants, from the conv's bias). That matters: the encoder's final GroupNorm
+(32 groups) then normalizes each group by a mean of exactly 0.5 and a variance that
+the constants dominate (A^2 / 2, against at most 0.125 from the image), so a patch
+gets the same code in every frame it appears in. (With the pair alone, the variance
+followed the image's content, and pure black took 53 different codes.)
 
 The codebook is fitted by k-means on descriptors of the world's frames (after
 the H.264 round trip the server sees), `NUM_USED` codes; the other entries of
@@ -39,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 Params = dict[str, Any]
 
-CONFIG = vq.VQGANConfig(hidden_channels=32, channel_mult=(1, 1, 1, 1, 2), num_res_blocks=1,
+CONFIG = vq.VQGANConfig(hidden_channels=32, channel_mult=(1, 1, 1, 1, 4), num_res_blocks=1,
                         z_channels=32, quantized_embed_dim=32)
 NUM_SIGNALS = 3 + 16  # mean R, G, B + brightness of 4x4 cells
 NUM_USED = 1024  # codes fitted by k-means; the rest of the 8192 are parked
@@ -50,6 +53,8 @@ COLOR_WEIGHT = 2.0  # colour counts double in the code distance: a code must nev
 FROZEN_DECODER_BLOCKS = ("UpsamplingBlock_3", "UpsamplingBlock_4")
 IDENTITY_UPSAMPLES = ("UpsamplingBlock_2", "UpsamplingBlock_3")
 _GN_BIAS = 4.0  # keeps silu in its nearly linear range after the final GroupNorm
+_GROUP = CONFIG.hidden_channels * CONFIG.channel_mult[-1] // 32  # channels per final GroupNorm group
+_ANCHOR = 8.0  # the constants' distance from 0.5 in each group: they set the group's variance
 
 
 def _zeros_like_tree(shapes: Params) -> Params:
@@ -100,20 +105,26 @@ def constructed_encoder(cfg: vq.VQGANConfig = CONFIG) -> Params:
             for am in (0, 1):
                 for bm in (0, 1):
                     k3[a, b, 3 + 2 * am + bm, 3 + 4 * (2 * a + am) + (2 * b + bm)] = 1.0
-    # Last level's shortcut: each signal s at ch 2k, 1 - s at ch 2k + 1 (one GroupNorm group).
+    # Last level's shortcut: signal k into GroupNorm group k as (s, 1 - s, 0.5 + A, 0.5 - A).
+    assert _GROUP == 4, "the final GroupNorm groups must hold four channels"
     sc = enc["DownsamplingBlock_4"]["ResnetBlock_0"]["Conv_2"]
-    for k in range(NUM_SIGNALS):
-        sc["kernel"][0, 0, k, 2 * k] = 1.0
-        sc["kernel"][0, 0, k, 2 * k + 1] = -1.0
-        sc["bias"][2 * k + 1] = 1.0
     gn = enc["GroupNorm_0"]
-    gn["bias"][: 2 * NUM_SIGNALS] = _GN_BIAS
-    # Final conv: the centre tap of each pair's first channel, centred near 0.
+    for k in range(NUM_SIGNALS):
+        c = _GROUP * k
+        sc["kernel"][0, 0, k, c] = 1.0
+        sc["kernel"][0, 0, k, c + 1] = -1.0
+        sc["bias"][c + 1] = 1.0
+        sc["bias"][c + 2] = 0.5 + _ANCHOR
+        sc["bias"][c + 3] = 0.5 - _ANCHOR
+        # normalized, s - 0.5 is divided by about A / sqrt(2): scale it back to 2 (s - 0.5) in [-1, 1]
+        gn["scale"][c] = math.sqrt(2.0) * _ANCHOR
+        gn["bias"][c] = _GN_BIAS
+    # Final conv: the centre tap of each group's signal channel, centred near 0.
     out = enc["Conv_1"]
     lo, hi = _silu(_GN_BIAS - 1), _silu(_GN_BIAS + 1)
     for k in range(NUM_SIGNALS):
         w = (COLOR_WEIGHT if k < 3 else 1.0) * 2.0 / (hi - lo)
-        out["kernel"][1, 1, 2 * k, k] = w
+        out["kernel"][1, 1, _GROUP * k, k] = w
         out["bias"][k] = -w * (hi + lo) / 2
     qc = p["quant_conv"]
     for k in range(cfg.z_channels):

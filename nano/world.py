@@ -150,9 +150,14 @@ def random_scene(rng: np.random.Generator, num_objects: int | None = None, num_f
 
 
 def centred_scene(shape: str, color: str, size: int) -> Scene:
-    """One still object in the middle of the frame (how LWM-Nano is taught to draw a prompt)."""
+    """One still object in the middle of the frame."""
     corner = (FRAME - size) // 2
     return Scene((WorldObject(shape, color, size, corner, corner, "still", 0),), 1)
+
+
+def corner_scene(shape: str, color: str, size: int) -> Scene:
+    """One still object in the top-left corner of the frame (how LWM-Nano is taught to draw a prompt)."""
+    return Scene((WorldObject(shape, color, size, 0, 0, "still", 0),), 1)
 
 
 def scene_from_seed(seed: int, kind: Literal["video", "image"] = "video", **kwargs) -> Scene:

@@ -20,6 +20,11 @@ def test_quick_recipe_trains_a_model_the_server_loads(tmp_path):
     assert len(log["lm"]["losses"]) == log["recipe"]["steps"] > 0
     assert len(log["vqgan"]["decoder_mse"]) == log["recipe"]["decoder_steps"]
     assert (out / "losses.png").stat().st_size > 1000
+    # the held-out check ran every 2 steps, on every question type of 2 videos and 2 images
+    probes = log["lm"]["probe"]
+    assert [step for step, _ in probes] == [2, 4]
+    assert {"color", "count", "direction", "all"} <= set(probes[-1][1])
+    assert all(0.0 <= acc[k] <= 1.0 for _, acc in probes for k in acc if k != "n")
 
     rt = runtime.load_runtime(str(out), progress=False)
     assert rt.model_name == "nano" and rt.vqgan is not None and rt.vqgan.cfg.hidden_channels == 32

@@ -51,6 +51,25 @@ def test_constructed_encoder_describes_each_patch_by_colour_and_cells(world_fram
     assert np.all(desc[..., vf.NUM_SIGNALS:] == 0)
 
 
+def test_a_patch_is_described_alike_whatever_else_the_frame_holds(world_frames):
+    # The final GroupNorm normalizes by statistics of the whole frame; the constant
+    # channels of each group must keep that from moving a patch's descriptor, or one
+    # black patch becomes many codes (it was 53) and the model sees flicker everywhere.
+    params = vf.constructed_encoder()
+    blank = np.zeros((1, 256, 256, 3), np.uint8)
+    busy = blank.copy()
+    busy[0, 64:192, 64:192] = (255, 255, 0)  # a big yellow square fills a quarter of the frame
+    busy[0, 200:240, 10:250] = (0, 0, 255)
+    frames = np.concatenate([blank, busy, world_frames[:6]])
+    desc = vf.fast_descriptors(params, frames)
+    black = frames.reshape(len(frames), 16, 16, 16, 16, 3).max(axis=(2, 4, 5)) == 0
+    spread = desc[black][:, : vf.NUM_SIGNALS].std(axis=0).max()
+    assert spread < 1e-3, spread
+    # and the served encoder agrees
+    served = vf.descriptors(params, frames[:2])
+    np.testing.assert_allclose(served[0, 0, 0], served[1, 0, 0], atol=1e-3)
+
+
 def test_fast_codes_equal_the_served_encoder(world_frames):
     params = vf.constructed_encoder()
     pts, counts = vf.unique_descriptors(vf.fast_descriptors(params, world_frames), decimals=2)
@@ -149,7 +168,7 @@ def test_training_forward_is_the_serving_forward():
     pos = np.broadcast_to(np.arange(t), (2, t))
     served = transformer.forward(params, cfg, jnp.asarray(ids), jnp.asarray(vision), jnp.asarray(pos))
     trained = transformer.forward(params, cfg, jnp.asarray(ids), jnp.asarray(vision), jnp.asarray(pos),
-                                  attention_fn=tl._causal_blocked_attention)
+                                  attention_fn=tl.causal_blocked_attention)
     np.testing.assert_allclose(served.text_logits, trained.text_logits, atol=2e-4)
     np.testing.assert_allclose(served.vision_logits, trained.vision_logits, atol=2e-4)
 
