@@ -11,6 +11,7 @@ remains the measure of record), so training can log how each question type grows
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import defaultdict
 from typing import Any
 
@@ -73,6 +74,7 @@ def build(tok, vq_params, videos: int, images: int, layout: str = "standard", se
     return Probe(batches)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 3))
 def _text_argmax(params, cfg: ModelConfig, batch: dict[str, jax.Array], attention_fn) -> jax.Array:
     out = transformer.forward(params, cfg, batch["ids"], batch["vision"], batch["positions"],
                               attention_mask=batch["valid"], heads=(), output_hidden_states=True,
@@ -82,12 +84,11 @@ def _text_argmax(params, cfg: ModelConfig, batch: dict[str, jax.Array], attentio
 
 def accuracy(params, cfg: ModelConfig, probe: Probe, attention_fn) -> dict[str, Any]:
     """{kind: share right, ..., "all": share right, "n": {kind: count}}."""
-    fn = jax.jit(_text_argmax, static_argnums=(1, 3))
     right: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
     for batch, kinds, decisive in probe.batches:
         arrays = {k: jnp.asarray(getattr(batch, k)) for k in ("ids", "vision", "positions", "valid")}
-        top = np.asarray(fn(params, cfg, arrays, attention_fn))
+        top = np.asarray(_text_argmax(params, cfg, arrays, attention_fn))
         ok = np.where(decisive, top == batch.target, True).all(axis=1)
         for kind, good in zip(kinds, ok):
             total[kind] += 1
