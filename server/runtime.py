@@ -290,7 +290,8 @@ def _dummy_runtime(config_spec: str | None, *, tokenizer: str | None, vqgan: str
                    device_memory: int | None) -> Runtime:
     """Random weights of a preset (vLLM's `--load-format dummy`): benchmarks at a real
     model's shape with no checkpoint. Tokenizer and VQGAN default to the demo's; ids
-    the tokenizer does not know decode as `UNKNOWN_ID_TEXT`."""
+    the tokenizer does not know decode as `UNKNOWN_ID_TEXT`, and read back as those ids
+    when a client sends them again (the assistant's turn of a conversation)."""
     if not config_spec:
         raise LoadError("--load-format dummy needs --model-config (a preset name or a config JSON)")
     root = ensure_demo()
@@ -299,7 +300,7 @@ def _dummy_runtime(config_spec: str | None, *, tokenizer: str | None, vqgan: str
         raise LoadError(f"max model length {max_model_len} exceeds the model's "
                         f"max_sequence_length {cfg.max_sequence_length}")
     tok = TextTokenizer(tokenizer or root / "tokenizer")
-    tok.unknown_id_text = UNKNOWN_ID_TEXT
+    tok.unknown_id_text, tok.unknown_id_limit = UNKNOWN_ID_TEXT, cfg.vocab_size
     _check_vocab(tok, cfg)
     prefill_chunk = resolve_prefill_chunk(cfg, mesh, prefill_chunk)
     _check_capacity(cfg, mesh, dtype, max_model_len or cfg.max_sequence_length, prefill_chunk, device_memory)

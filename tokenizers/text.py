@@ -197,6 +197,10 @@ class TextTokenizer:
         # Random benchmark weights (`--load-format dummy`) sample such ids all the
         # time; there they read as " <id:N>" so streams still carry one piece per token.
         self.unknown_id_text: str | None = None
+        # Placeholders of ids below this (the model's vocabulary) encode back to their
+        # ids; 0: never (a placeholder in a prompt is then ordinary text).
+        self.unknown_id_limit: int = 0
+        self._placeholder: tuple[str | None, re.Pattern[str] | None] = (None, None)
         self._pieces: list[str] = [self._sp.IdToPiece(i) for i in range(self.vocab_size)]
         self._piece_ids: dict[str, int] = {p: i for i, p in enumerate(self._pieces)}
 
@@ -276,6 +280,8 @@ class TextTokenizer:
 
         Args:
             text: any string; literal special tokens (`<s>` ...) become their ids.
+                Placeholders of `unknown_id_text` for ids in
+                [vocab_size, unknown_id_limit) become those ids again.
             add_bos: prepend BOS (the reference always does; False gives
                 `encode(text, add_special_tokens=False)`).
 
@@ -283,13 +289,42 @@ class TextTokenizer:
             The ids, BOS first when `add_bos`; never EOS.
         """
         ids = [self.bos_id] if add_bos else []
+        placeholder = self._unknown_id_re()
+        if placeholder is None:
+            return ids + self._encode_specials(text)
+        start = 0
+        for match in placeholder.finditer(text):
+            token_id = int(match.group("id"))
+            if not self.vocab_size <= token_id < self.unknown_id_limit:
+                continue  # not an id this tokenizer writes a placeholder for: ordinary text
+            ids += self._encode_specials(text[start : match.start()])
+            ids.append(token_id)
+            start = match.end()
+        return ids + self._encode_specials(text[start:])
+
+    def _unknown_id_re(self) -> re.Pattern[str] | None:
+        """The pattern of `unknown_id_text` (its leading spaces optional: decode drops
+        the first one), so that a reply of random benchmark weights sent back in a
+        conversation reads as the ids it came from, as real text does."""
+        fmt = self.unknown_id_text
+        if fmt is None or self.unknown_id_limit <= self.vocab_size:
+            return None
+        if self._placeholder[0] != fmt:
+            before, _, after = fmt.partition("{id}")
+            body = before.lstrip(" ")
+            pattern = f" {{0,{len(before) - len(body)}}}{re.escape(body)}(?P<id>\\d+){re.escape(after)}"
+            self._placeholder = (fmt, re.compile(pattern))
+        return self._placeholder[1]
+
+    def _encode_specials(self, text: str) -> list[int]:
+        """Ids of text that may hold literal special tokens."""
+        ids: list[int] = []
         start = 0
         for match in self._special_re.finditer(text):
             ids += self._encode_text(text[start : match.start()])
             ids.append(self._piece_ids[match.group()])
             start = match.end()
-        ids += self._encode_text(text[start:])
-        return ids
+        return ids + self._encode_text(text[start:])
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[str]:
         """The pieces of `encode(text)` (the reference's `tokens`)."""

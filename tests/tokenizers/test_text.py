@@ -292,3 +292,25 @@ def test_model_without_dummy_prefix_still_gets_the_legacy_prefix(tmp_path: Path)
     assert pieces[0].startswith("▁")
     assert pieces[pieces.index("<s>") + 1].startswith("▁")
     assert tok.decode(tok.encode("hello  world"), skip_special_tokens=True) == "hello  world"
+
+
+def test_placeholders_of_unknown_ids_read_back_as_those_ids(reference_dir: Path) -> None:
+    """Random benchmark weights sample ids past the vocabulary; their placeholders, sent
+    back as the assistant's turn of a conversation, must read as the same ids, or a
+    follow-up question costs ~10 tokens per such id instead of one (and misses the
+    prefix cache of real text)."""
+    tok = TextTokenizer(reference_dir / "tokenizer")
+    v = tok.vocab_size
+    tok.unknown_id_text = " <id:{id}>"
+    reply = [v + 3, v + 4, v + 99]
+    text = tok.decode(reply)
+    assert text == f"<id:{v + 3}> <id:{v + 4}> <id:{v + 99}>"
+    assert tok.encode(text, add_bos=False) != reply  # no limit set: placeholders are ordinary text
+    tok.unknown_id_limit = v + 100
+    assert tok.encode(text, add_bos=False) == reply
+    # between placeholders, text is encoded segment by segment, as around a special token
+    mixed = tok.encode("<s>Hi" + text + " there", add_bos=False)
+    assert mixed == [tok.bos_id] + tok._encode_text("Hi") + reply + tok._encode_text(" there")
+    # ids the tokenizer knows, or past the model's vocabulary, are never written so: text
+    for literal in (f"<id:{v - 1}>", f"<id:{v + 100}>", "<id:>"):
+        assert tok.encode(literal, add_bos=False) == tok._encode_text(literal)
