@@ -94,6 +94,7 @@ class PrefixCache:
         self._lock = threading.Lock()
         self._bytes = 0
         self._queries = self._query_tokens = self._hit_tokens = self._hits = self._evictions = 0
+        self._too_big = 0  # the largest prefill refused for its size (each larger one is logged)
 
     # ------------------------------------------------------------------ lookup
 
@@ -140,6 +141,11 @@ class PrefixCache:
         """
         nbytes = cache_nbytes(cache)
         if nbytes > self.budget:
+            if self.budget and nbytes > self._too_big:
+                self._too_big = nbytes
+                logger.warning("a prefill of %d tokens (%.0f MiB of keys and values) does not fit the prefix "
+                               "cache (%.0f MiB): it is not kept, so a follow-up on it prefills it all again; "
+                               "raise --prefix-cache-bytes", len(ids), nbytes / 2**20, self.budget / 2**20)
             return None
         ids, vision_mask = np.asarray(ids, np.int32).copy(), np.asarray(vision_mask, bool).copy()
         with self._lock:

@@ -25,7 +25,7 @@ shapes, each a job of `precompile_jobs` (the server runs those of short prompts
 before it says it is ready and the rest in idle time), so no request (a follow-up
 question on a kept video above all) waits for a compile:
 
-* pieces (tokens per prefill step): powers of two from `TAIL_MIN_BUCKET` up to
+* pieces (tokens per prefill step): powers of two from `MIN_PIECE` up to
   the chunk, and the chunk;
 * scratch lengths (slots of a one-row prefill cache): the chunk times 1, 2, 3,
   4, 6, 8, 12, ... (two per octave), capped at the pool's row length.
@@ -35,9 +35,10 @@ question on a kept video above all) waits for a compile:
 Chunk plan (`chunk_plan`): a prompt of n tokens is prefilled in whole chunks;
 the rest is one piece that *ends* at the prompt's last token and starts inside
 what came before if need be (those tokens are written again with identical
-values). A fresh prompt shorter than a chunk starts with the largest piece it
-fills (one left-padded piece of `MIN_BUCKET` when shorter than that: its tokens
-start at slot `offset`). So no prompt pays more than one piece of padding or
+values). A fresh prompt shorter than a chunk is ONE left-padded piece (its tokens
+start at slot `offset`) when that costs no more tokens than starting with the
+largest piece it fills and ending with a tail: a 43-token chat turn is one step of
+64 tokens, not two of 32, nor a 128-token bucket. So no prompt pays more than one piece of padding or
 recomputation, and a follow-up question recomputes ~32-64 tokens, not a bucket.
 """
 
@@ -64,7 +65,7 @@ from lwm_serve.model.prefix_cache import PrefixCache, PrefixEntry
 logger = logging.getLogger(__name__)
 
 Head = Literal["text", "vision"]
-TAIL_MIN_BUCKET = 32
+MIN_PIECE = 32  # the smallest prefill piece, a fresh prompt's or a tail's
 
 
 def next_power_of_two(n: int) -> int:
@@ -73,35 +74,21 @@ def next_power_of_two(n: int) -> int:
 
 def fresh_min(prefill_chunk: int) -> int:
     """The smallest first piece of a fresh prompt (shorter prompts are left-padded to it)."""
-    return min(steps.MIN_BUCKET, prefill_chunk)
-
-
-def prompt_offset(n: int, prefill_chunk: int) -> int:
-    """Left padding of a fresh n-token prompt: short prompts fill their one piece from the right."""
-    return max(0, fresh_min(prefill_chunk) - n)
-
-
-def pool_slots(n: int, prefill_chunk: int) -> int:
-    """Pool slots a fresh n-token prompt occupies before its first new token."""
-    return prompt_offset(n, prefill_chunk) + n
+    return min(MIN_PIECE, prefill_chunk)
 
 
 def piece_sizes(prefill_chunk: int) -> list[int]:
-    """Tokens a prefill step may run: powers of two from TAIL_MIN_BUCKET, and the chunk."""
-    sizes, p = [], min(TAIL_MIN_BUCKET, prefill_chunk)
+    """Tokens a prefill step may run: powers of two from MIN_PIECE, and the chunk."""
+    sizes, p = [], min(MIN_PIECE, prefill_chunk)
     while p < prefill_chunk:
         sizes.append(p)
         p *= 2
     return sizes + [prefill_chunk]
 
 
-def chunk_plan(n: int, done: int, prefill_chunk: int) -> list[tuple[int, int]]:
-    """(first token index, tokens) of each prefill step for tokens done..n of a prompt.
-
-    Indexes count from the prompt's first token: a fresh prompt shorter than
-    `fresh_min` starts below 0 (left padding); a last piece may start before
-    `done` (recomputing tokens already there).
-    """
+def _tail_plan(n: int, done: int, prefill_chunk: int) -> list[tuple[int, int]]:
+    """Whole chunks from `done`, then one piece ending at token n (starting inside what came
+    before if need be); from 0, a prompt under a chunk starts with the largest piece it fills."""
     chunks, chunk = [], prefill_chunk
     while n - done >= chunk:
         chunks.append((done, chunk))
@@ -110,9 +97,6 @@ def chunk_plan(n: int, done: int, prefill_chunk: int) -> list[tuple[int, int]]:
         return chunks
     pieces = piece_sizes(chunk)
     if done == 0:
-        first = fresh_min(chunk)
-        if n <= first:
-            return [(n - first, first)]
         p = max(x for x in pieces if x <= n)
         chunks.append((0, p))
         done = p
@@ -121,6 +105,46 @@ def chunk_plan(n: int, done: int, prefill_chunk: int) -> list[tuple[int, int]]:
     t = min(x for x in pieces if x >= n - done)
     chunks.append((n - t, t))
     return chunks
+
+
+def _one_piece(n: int, prefill_chunk: int) -> int | None:
+    """The one left-padded piece a fresh n-token prompt is prefilled in, when that costs no
+    more tokens than `_tail_plan`'s pieces (a prompt then takes one engine step, not two:
+    a burst of short chats is admitted twice as fast); None otherwise."""
+    if n >= prefill_chunk:
+        return None
+    t = min(prefill_chunk, next_power_of_two(max(n, fresh_min(prefill_chunk))))
+    if n > fresh_min(prefill_chunk) and t > sum(size for _, size in _tail_plan(n, 0, prefill_chunk)):
+        return None
+    return t
+
+
+def prompt_offset(n: int, prefill_chunk: int) -> int:
+    """Left padding of a fresh n-token prompt: one prefilled in one piece fills it from the right."""
+    t = _one_piece(n, prefill_chunk)
+    return 0 if t is None else t - n
+
+
+def max_prompt_offset(prefill_chunk: int) -> int:
+    """The most left padding a fresh prompt gets (pool rows have room for it)."""
+    return max(prompt_offset(n, prefill_chunk) for n in range(1, prefill_chunk + 1))
+
+
+def pool_slots(n: int, prefill_chunk: int) -> int:
+    """Pool slots a fresh n-token prompt occupies before its first new token."""
+    return prompt_offset(n, prefill_chunk) + n
+
+
+def chunk_plan(n: int, done: int, prefill_chunk: int) -> list[tuple[int, int]]:
+    """(first token index, tokens) of each prefill step for tokens done..n of a prompt.
+
+    Indexes count from the prompt's first token: a fresh prompt prefilled in one
+    piece (`_one_piece`) starts below 0 (left padding); a last piece may start
+    before `done` (recomputing tokens already there).
+    """
+    if done == 0 and (t := _one_piece(n, prefill_chunk)) is not None:
+        return [(n - t, t)]
+    return _tail_plan(n, done, prefill_chunk)
 
 
 @dataclass

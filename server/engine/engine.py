@@ -37,7 +37,7 @@ from typing import Callable, Iterator, Protocol
 import jax.numpy as jnp
 from lwm_serve.model.generation import ContextLengthError, Generator, PromptRow, StepOutput
 from lwm_serve.model.prefix_cache import PrefixCache
-from lwm_serve.model.runner import SlotPool, prompt_offset
+from lwm_serve.model.runner import SlotPool, max_prompt_offset
 from lwm_serve.model.sampling import SamplingParams
 from lwm_serve.server.engine import live as live_lib
 from lwm_serve.server.engine.handle import END, Entry, Failure, RequestHandle
@@ -155,7 +155,7 @@ class Engine:
         gen = self.generator
         chunk = gen.prefill_chunk
         # Room for the longest request plus the left padding of a short prompt.
-        length = gen.context_limit + max(prompt_offset(n, chunk) for n in (1, chunk // 2, chunk - 1))
+        length = gen.context_limit + max_prompt_offset(chunk)
         new_pool = SlotPool if self.replica is None else self.replica.slot_pool
         probe = new_pool(gen.params, gen.cfg, num_slots=1, max_length=length, prefill_chunk=chunk, mesh=gen.mesh)
         rows = self._max_num_seqs

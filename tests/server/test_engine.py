@@ -310,6 +310,10 @@ def test_after_precompile_prompts_and_follow_ups_compile_nothing(fixture_runtime
                 # two at once: one decodes while the other prefills from the kept prefix
                 both = [engine.submit(_request(engine, ids, max_new=8, logprobs=False)) for ids in follow_ups[:2]]
                 await asyncio.gather(*[_collect(h) for h in both])
+                # short fresh prompts arriving together (one 32-token piece, or 32 and a tail)
+                trio = [engine.submit(_request(engine, [tok.bos_id] + rng.integers(3, 500, k).tolist(), max_new=3,
+                                               logprobs=False)) for k in (4, 11, 40)]
+                await asyncio.gather(*[_collect(h) for h in trio])
             return fresh, follow, handles
 
         fresh, follow, handles = asyncio.run(main())
