@@ -12,7 +12,7 @@ Starts the real app (uvicorn on 127.0.0.1, in-process thread) for each model giv
   (cold, then served from the prefix cache) and a follow-up turn in the same
   conversation; TTFT of each and `cached_tokens` from the usage. Twice: a short
   clip on the concurrency server (what its --max-model-len holds), and a long one
-  (--video-frames, 60 by default: the issue's hour-of-video workload in small) on a
+  (--video-frames, 60 by default: LWM's long-video workload in small) on a
   server of its own sized for it, timed once every shape is compiled. The ratio
   follow-up / first falls with the video's length: the follow-up's cost is its
   new tokens, the first ask's is the whole video.

@@ -37,8 +37,9 @@ the rest is one piece that *ends* at the prompt's last token and starts inside
 what came before if need be (those tokens are written again with identical
 values). A fresh prompt shorter than a chunk is ONE left-padded piece (its tokens
 start at slot `offset`) when that costs no more tokens than starting with the
-largest piece it fills and ending with a tail: a 43-token chat turn is one step of
-64 tokens, not two of 32, nor a 128-token bucket. So no prompt pays more than one piece of padding or
+largest piece it fills and ending with a tail: a 43-token chat turn is one step
+of 64 tokens, not two of 32 (each a step that a burst of requests waits for),
+nor a 128-token bucket. So no prompt pays more than one piece of padding or
 recomputation, and a follow-up question recomputes ~32-64 tokens, not a bucket.
 """
 
