@@ -88,18 +88,25 @@ def _answer(tok, writer: _Writer, reply: str, kind: str | None = None, answer_we
 
 
 def qa_sequence(tok, codes: np.ndarray, qas: Sequence[nq.QA], layout: vl.FrameLayout, kind: str,
-                answer_weight: float = 1.0) -> Sequence_:
+                answer_weight: float = 1.0, code_weight: np.ndarray | None = None) -> Sequence_:
     """A video/image (codes [F, 256]) with its questions as successive turns.
 
     The vision tokens are trained too (next code, as LWM is trained): thousands of
     targets per video that teach what moves where, next to a handful of answer words.
     The reply tokens that decide the answer (`decisive_tokens`) weigh `answer_weight`
     in the loss, the rest of the template 1: the template is learnt in a few steps,
-    the answer is the signal.
+    the answer is the signal. `code_weight` ([F, 256], optional) weighs each code's
+    next-code target.
     """
     w = _Writer()
     first = ct.build_chat(tok, [ct.Message("user", qas[0].question, (codes,))], layout=layout)
-    w.add(first.ids, first.vision_mask, trained=first.vision_mask)
+    weights = None
+    if code_weight is not None:
+        ids = np.asarray(first.ids)
+        is_code = np.asarray(first.vision_mask, bool) & (ids < vl.END_OF_FRAME)
+        weights = np.ones(len(ids), np.float32)
+        weights[is_code] = np.asarray(code_weight, np.float32).reshape(-1)
+    w.add(first.ids, first.vision_mask, trained=first.vision_mask, weights=weights)
     _answer(tok, w, qas[0].reply, qas[0].kind, answer_weight)
     for qa in qas[1:]:
         w.add(tok.encode(f"USER: {qa.question}\n"))

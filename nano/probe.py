@@ -47,15 +47,17 @@ def _frames(scene: world.Scene, kind: str) -> np.ndarray:
 
 
 def build(tok, vq_params, videos: int, images: int, layout: str = "standard", seed_offset: int = 0,
-          tokens_per_batch: int = 8192, detail: bool = False) -> Probe:
+          tokens_per_batch: int = 8192, detail: bool = False, **scene_shape: int) -> Probe:
     """Every question of `videos` held-out videos and `images` held-out images, one per sequence.
 
-    `detail` labels each question `kind/medium/objects` (e.g. `color/video/2`) instead of its kind.
+    `detail` labels each question `kind/medium/objects` (e.g. `color/video/2`) instead of its kind;
+    `scene_shape` (num_objects, num_frames) fixes the held-out videos' shape.
     """
     rows: list[tuple[nd.Sequence_, str]] = []
     for kind, count in (("video", videos), ("image", images)):
         for i in range(count):
-            scene = world.scene_from_seed(world.HELD_OUT_SEED_BASE + 500_000 + seed_offset + i, kind)
+            scene = world.scene_from_seed(world.HELD_OUT_SEED_BASE + 500_000 + seed_offset + i, kind,
+                                          **(scene_shape if kind == "video" else {}))
             codes = vf.fast_codes(vq_params, _frames(scene, kind), batch=8).reshape(scene.num_frames, -1)
             for qa in nq.questions_for(scene, kind):
                 label = f"{qa.kind}/{kind}/{len(scene.objects)}" if detail else qa.kind

@@ -62,6 +62,12 @@ class Recipe:
     # carries its questions in 300 tokens where a video needs 1,000-2,000: shape, colour and
     # count are learnt from many more examples per step.
     image_share: float = 0.5
+    # Loss weight of the next-code targets where an object stands in a video's later frames
+    # (the codes that are not the background's): the only codes that tell what moved where.
+    motion_weight: float = 1.0
+    # Offsets the first heads start out attending to (train_lm.init_model): 257 is the same
+    # patch one frame back, 256/258 its right/left neighbours there, 241/273 below/above.
+    frame_heads: tuple[int, ...] = ()
     video_objects: int = 0  # training videos hold this many objects (0: the world's 1-3)
     video_frames: int = 0  # training videos have this many frames (0: the world's 4-8)
     question_kinds: tuple[str, ...] = ()  # train only these question types (empty: all)
@@ -139,8 +145,19 @@ def _video_sequences(tok, vq_params, recipe: Recipe, rng: np.random.Generator) -
             continue
         rng.shuffle(qas)
         seqs.append(nd.qa_sequence(tok, codes, qas, recipe.layout, f"video-{scene.num_frames}",
-                                   recipe.answer_weight))
+                                   recipe.answer_weight, _motion_weights(codes, recipe.motion_weight)))
     return seqs
+
+
+def _motion_weights(codes: np.ndarray, weight: float) -> np.ndarray | None:
+    """[F, 256]: `weight` at the object codes of frames after the first, 1 elsewhere."""
+    if weight == 1.0:
+        return None
+    values, counts = np.unique(codes, return_counts=True)
+    background = values[np.argmax(counts)]
+    out = np.where(codes != background, weight, 1.0).astype(np.float32)
+    out[0] = 1.0
+    return out
 
 
 def _asked(recipe: Recipe, qas: list[nq.QA]) -> list[nq.QA]:
@@ -154,6 +171,8 @@ def _image_sequences(tok, vq_params, recipe: Recipe, rng: np.random.Generator) -
         scene = world.scene_from_seed(recipe.seed * 10**6 + 200_000 + i, kind="image")
         scenes.append(scene)
         frames.append(decode_media(world.image_png(scene))[0][1])
+    if not frames:
+        return seqs
     codes = vf.fast_codes(vq_params, np.stack(frames)).reshape(len(frames), 1, -1)
     for scene, c in zip(scenes, codes):
         qas = _asked(recipe, nq.questions_for(scene, "image"))
@@ -182,6 +201,8 @@ def _draw_sequences(tok, vq_params, recipe: Recipe, rng: np.random.Generator) ->
         scene = world.corner_scene(shape, color, int(rng.choice(DRAW_SIZES)))
         objs.append(scene.objects[0])
         frames.append(decode_media(world.image_png(scene))[0][1])
+    if not frames:
+        return seqs
     codes = vf.fast_codes(vq_params, np.stack(frames))
     for i, (obj, c) in enumerate(zip(objs, codes)):
         prompt = nq.image_prompt(obj.color, obj.shape)
@@ -241,7 +262,7 @@ def train_lm(tok, vq_params, recipe: Recipe, log: dict[str, Any],
     t_data = time.perf_counter() - t0
     cfg = model_config.from_preset("nano").replace(scan_layers=False)
     book = vq_params["quantize"]["embeddings"][: vf.NUM_USED, : vf.NUM_SIGNALS]
-    params = tl.init_model(cfg, recipe.seed, code_features=book)
+    params = tl.init_model(cfg, recipe.seed, code_features=book, frame_heads=tuple(recipe.frame_heads))
     schedule = optax.warmup_cosine_decay_schedule(0.0, recipe.lr, recipe.warmup, recipe.steps, recipe.lr * 0.05)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.98, weight_decay=0.01))
     opt_state = optimizer.init(params)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lwm_serve.model import attention as attn
+from lwm_serve.model import layers
 from lwm_serve.model import transformer
 from lwm_serve.model.config import ModelConfig
 from lwm_serve.model.params import init_params
@@ -47,13 +48,18 @@ def causal_blocked_attention(q, k, v, mask):
     return jnp.concatenate(outs, axis=1)
 
 
-def init_model(cfg: ModelConfig, seed: int, code_features: np.ndarray | None = None) -> Params:
+def init_model(cfg: ModelConfig, seed: int, code_features: np.ndarray | None = None,
+               frame_heads: tuple[int, ...] = ()) -> Params:
     """Reference-style random init; the used codes' embeddings start from what they depict.
 
     `code_features` [n_codes, F] (the VQGAN codebook's descriptors of colour and
     cell brightness) is written, scaled, into the first F dims of those codes'
     vision embeddings, so the model does not have to discover from scratch that
     two codes are the same colour.
+
+    `frame_heads`: offsets (in tokens) that heads 0, 1, ... of the first layer, then of
+    the second, start out attending to (`_add_offset_heads`), e.g. 257, the same patch
+    one frame back.
     """
     params = init_params(cfg, jax.random.PRNGKey(seed))
     params = jax.tree_util.tree_map(np.array, params)
@@ -62,7 +68,69 @@ def init_model(cfg: ModelConfig, seed: int, code_features: np.ndarray | None = N
         f = np.asarray(code_features, np.float32)
         f = f / (np.abs(f).max() + 1e-6) * 0.5
         vte[: f.shape[0], : f.shape[1]] = f
+    if frame_heads:
+        _add_offset_heads(params, cfg, frame_heads)
     return params
+
+
+# With offset heads, every embedding's last dimension is this many times the RMS of its
+# other dimensions: after the first RMSNorm it is then the same constant for every token.
+_CONSTANT_RATIO = 4.0
+
+
+def offset_amplitudes(cfg: ModelConfig, offset: int, margin: float = 8.0, span: int = 2048) -> np.ndarray:
+    """[head_dim/2] logit amplitude per RoPE frequency so that sum_i a_i cos(theta_i (d - offset))
+    is the largest at d = offset by at least `margin` over every other distance d in [0, span).
+
+    The least total amplitude that does it (a linear program): the frequencies of a
+    32-dim head are mostly slow, and only the fastest can tell 257 from 256.
+    """
+    from scipy.optimize import linprog  # a dependency of jax
+
+    theta = layers.rope_inv_freq(cfg.head_dim, cfg.theta).astype(np.float64)
+    gaps = np.array([d - offset for d in range(span) if d != offset], np.float64)
+    drop = 1.0 - np.cos(np.outer(gaps, theta))
+    n = len(theta)
+    res = linprog(np.ones(n), A_ub=-drop, b_ub=-margin * np.ones(len(gaps)), bounds=[(0, None)] * n)
+    if res.status != 0:
+        raise ValueError(f"no RoPE amplitudes single out offset {offset}: {res.message}")
+    return res.x
+
+
+def _add_offset_heads(params: Params, cfg: ModelConfig, offsets: tuple[int, ...]) -> None:
+    """Make head j of the first layer attend `offsets[j]` tokens back, whatever the tokens are.
+
+    A head that compares a patch with the same patch a frame (257 tokens) earlier is
+    what motion needs, and SGD does not find it from a random start: attention spread
+    over hundreds of keys gives the right key a gradient too small to grow (measured:
+    a random init does not learn to copy a frame of random codes in 300 steps; with
+    such a head it does in 100). Here every token carries a last dimension that the
+    first RMSNorm turns into the same constant for every token (`_CONSTANT_RATIO`); the
+    head's query and key read only it, and their rotary phases differ by offset x
+    frequency, so q.k peaks at that distance (`offset_amplitudes`). Values and outputs
+    stay random: what the head moves is learnt.
+    """
+    h = cfg.hidden_size - 1
+    t = params["transformer"]
+    for name in ("wte", "vte"):
+        table = t[name]["embedding"]
+        table[:, h] = _CONSTANT_RATIO * np.sqrt(np.mean(np.square(table[:, :h]), axis=1))
+    level = _CONSTANT_RATIO * np.sqrt(cfg.hidden_size / (h + _CONSTANT_RATIO ** 2))  # after the RMSNorm
+    theta = layers.rope_inv_freq(cfg.head_dim, cfg.theta)
+    for j, offset in enumerate(offsets):
+        layer, head = divmod(j, cfg.num_attention_heads)
+        attn_p = t["h"][str(layer)]["attention"]
+        amp = offset_amplitudes(cfg, offset)
+        scale = np.sqrt(amp * np.sqrt(cfg.head_dim)) / level
+        q = np.zeros(cfg.head_dim, np.float32)
+        k = np.zeros(cfg.head_dim, np.float32)
+        q[0::2], q[1::2] = scale * np.cos(theta * offset), -scale * np.sin(theta * offset)
+        k[0::2] = scale
+        cols = slice(head * cfg.head_dim, (head + 1) * cfg.head_dim)
+        attn_p["wq"]["kernel"][:, cols] = 0.0
+        attn_p["wk"]["kernel"][:, cols] = 0.0
+        attn_p["wq"]["kernel"][h, cols] = q
+        attn_p["wk"]["kernel"][h, cols] = k
 
 
 VISION_WEIGHT = 0.5  # next-code loss next to the answers' loss
@@ -103,7 +171,7 @@ def _loss(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], full_vi
         return text
     k = jnp.concatenate([kernel[:, :used_codes], kernel[:, vl.END_OF_FRAME:vl.END_OF_VISION + 1]], axis=1)
     t = jnp.where(target >= vl.END_OF_FRAME, target - vl.END_OF_FRAME + used_codes, target)
-    return text + vision_weight * _cross_entropy(h @ k, t, use_v)
+    return text + vision_weight * _cross_entropy(h @ k, t, use_v, batch["weight"])
 
 
 def make_update(cfg: ModelConfig, optimizer, used_codes: int, vision_weight: float = VISION_WEIGHT) -> Callable:

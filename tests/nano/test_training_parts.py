@@ -189,3 +189,79 @@ def test_a_few_steps_lower_the_loss(tok):
         params, state, loss = update(params, state, batch, False)
         losses.append(float(loss))
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_offset_amplitudes_single_out_their_distance():
+    from lwm_serve.model import layers
+
+    cfg = model_config.from_preset("nano")
+    theta = layers.rope_inv_freq(cfg.head_dim, cfg.theta).astype(np.float64)
+    for offset in (257, 256, 16):
+        amp = tl.offset_amplitudes(cfg, offset, margin=8.0)
+        d = np.arange(2048)
+        score = np.cos(np.outer(d - offset, theta)) @ amp
+        others = np.delete(score, offset)
+        assert score[offset] - others.max() >= 8.0 - 1e-6
+
+
+def _first_layer_attention(params, cfg, ids, vision):
+    """[N heads, T, T] softmax weights of the first layer, taken from inside the served forward."""
+    seen = []
+
+    def capture(q, k, v, mask):
+        logits = jnp.einsum("btnd,bsnd->bnts", q, k) / np.sqrt(q.shape[-1])
+        logits = jnp.where(mask[:, None], logits, -jnp.inf)
+        seen.append(jax.nn.softmax(logits, axis=-1)[0])
+        return tl.causal_blocked_attention(q, k, v, mask)
+
+    t = ids.shape[1]
+    transformer.forward(params, cfg, jnp.asarray(ids), jnp.asarray(vision),
+                        jnp.asarray(np.arange(t)[None]), attention_fn=capture)
+    return np.asarray(seen[0])
+
+
+def test_offset_heads_start_out_attending_their_distance():
+    cfg = model_config.from_preset("nano").replace(scan_layers=False, num_hidden_layers=1)
+    offsets = (257, 256, 16)
+    rng = np.random.default_rng(0)
+    # Vision embeddings start from the codebook's features (larger than the random rest):
+    # the heads must be as sharp on them as on text.
+    features = rng.normal(size=(vf.NUM_USED, vf.NUM_SIGNALS))
+    params = tl.init_model(cfg, seed=0, code_features=features, frame_heads=offsets)
+    t = 700
+    ids = rng.integers(0, vf.NUM_USED, (1, t))
+    probs = _first_layer_attention(params, cfg, ids, np.ones((1, t), bool))
+    for head, offset in enumerate(offsets):
+        rows = np.arange(offset + 20, t, 37)
+        mass = probs[head, rows, rows - offset]
+        assert mass.min() > 0.6 and mass.mean() > 0.85, (offset, mass.min(), mass.mean())
+    # The head left alone attends as a random head does: spread out.
+    free = probs[3, 600, :601]
+    assert free.max() < 0.2
+    # Without offsets the init is the plain random one.
+    plain = tl.init_model(cfg, seed=0)
+    wte = plain["transformer"]["wte"]["embedding"]
+    assert np.abs(wte[:, -1]).mean() < 2 * np.abs(wte[:, :-1]).mean()
+
+
+def test_motion_weights_fall_on_the_objects_of_later_frames(tok):
+    from lwm_serve.nano import train as nt
+
+    scene = world.scene_from_seed(3, num_frames=4)
+    codes = np.tile(np.arange(256) % 7, (4, 1))
+    codes[:, :64] = 0  # 0 is the commonest code: the background
+    weights = nt._motion_weights(codes, 5.0)
+    assert weights.shape == codes.shape
+    assert (weights[0] == 1.0).all()  # the first frame has nothing to compare with
+    assert (weights[1:][codes[1:] != 0] == 5.0).all() and (weights[1:][codes[1:] == 0] == 1.0).all()
+    assert nt._motion_weights(codes, 1.0) is None
+    # In a sequence, each code's next-code target carries its code's weight, in order;
+    # the targets themselves and the text's weights do not change.
+    qas = nq.questions_for(scene, "video")[:1]
+    plain = nd.qa_sequence(tok, codes, qas, "standard", "video")
+    seq = nd.qa_sequence(tok, codes, qas, "standard", "video", code_weight=weights)
+    np.testing.assert_array_equal(seq.target, plain.target)
+    code_targets = (seq.target != nd.IGNORE) & (seq.target < 8192) & np.r_[seq.vision[1:], False]
+    np.testing.assert_array_equal(seq.target[code_targets], codes.reshape(-1))
+    np.testing.assert_array_equal(seq.weight[code_targets], weights.reshape(-1))
+    np.testing.assert_array_equal(seq.weight[~code_targets], plain.weight[~code_targets])
