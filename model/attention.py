@@ -176,13 +176,18 @@ def _tile_partial(qt: jax.Array, kt: jax.Array, vt: jax.Array, mask: jax.Array |
     (`preferred_element_type`): a bf16 x bf16 product is exact in fp32, so this
     equals upcasting first, without an fp32 copy of the tiles.
     """
-    d = qt.shape[-1]
+    root_d = jnp.sqrt(jnp.float32(qt.shape[-1]))
     scores = jnp.einsum("bkgqd,bksd->bkgqs", qt, kt, preferred_element_type=jnp.float32)
-    scores = scores / jnp.sqrt(jnp.float32(d))
-    if mask is not None:
-        scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
-    block_max = jnp.max(scores, axis=-1)
-    weights = jnp.exp(scores - block_max[..., None])
+    if mask is None:
+        # Rounding is monotone, so max(s / c) == max(s) / c bit for bit: the max reads
+        # the dot's output and the scaling fuses into the exp pass. A separate scaling
+        # pass over the score tile cost ~10% of a 16K-token prefill's attention on CPU.
+        block_max = jnp.max(scores, axis=-1) / root_d
+        weights = jnp.exp(scores / root_d - block_max[..., None])
+    else:
+        scores = jnp.where(mask[:, None, None], scores / root_d, MASK_VALUE)
+        block_max = jnp.max(scores, axis=-1)
+        weights = jnp.exp(scores - block_max[..., None])
     out = jnp.einsum("bkgqs,bksd->bkgqd", weights, vt.astype(jnp.float32),
                      preferred_element_type=jnp.float32)
     return Partial(out, block_max, jnp.sum(weights, axis=-1))

@@ -196,3 +196,19 @@ def test_decode_key_block_keeps_a_tile_of_the_pool_within_its_budget(rows):
     kb = attn.decode_key_block(rows, 12, 64, 4)
     assert kb & (kb - 1) == 0 and 64 <= kb <= 2048
     assert rows * 12 * 64 * 4 * kb <= attn._DECODE_TILE_BYTES or kb == 64  # noqa: SLF001
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_unmasked_tile_scales_after_the_max_bit_for_bit(head_dim, dtype):
+    # The fully visible tile takes max(s) / sqrt(d) instead of max(s / sqrt(d)) (one pass
+    # over the scores fewer); rounding is monotone, so the two agree exactly, and a
+    # tile whose mask is all True (the reference order) gives the same bits.
+    rng = np.random.default_rng(head_dim)
+    q = jnp.asarray(rng.standard_normal((1, 2, 2, 64, head_dim)) * 4, dtype)
+    k = jnp.asarray(rng.standard_normal((1, 2, 96, head_dim)) * 4, dtype)
+    v = jnp.asarray(rng.standard_normal((1, 2, 96, head_dim)), dtype)
+    folded = jax.jit(lambda q, k, v: attn._tile_partial(q, k, v, None))(q, k, v)
+    masked = jax.jit(lambda q, k, v: attn._tile_partial(q, k, v, jnp.ones((1, 64, 96), bool)))(q, k, v)
+    for a, b in zip(folded, masked):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
