@@ -30,9 +30,13 @@ the same run; the host was shared, load 10-14, so wall clocks were useless):
   4K tokens; the tiled kernel below runs at 0.57-0.64 on the same shapes
   (A/B in one process), 0.60 at 2K. What is left is the CPU's elementwise work
   per score (max, exp, sum: one score costs 4 * D = 256 matmul FLOPs at D = 64
-  but also an exp), visible in XLA's optimized HLO as four passes over each
-  fp32 score tile around the two dots (the `select` pass is gone for tiles
-  that need no mask).
+  but also an exp), visible in XLA's optimized HLO as passes over each fp32
+  score tile around the two dots. A fully visible tile has two (the max; then
+  scale, subtract and exp fused): no `select` pass, and the 1/sqrt(D) scaling
+  rides in the exp pass (its own pass cost ~8% of the kernel at 8K-16K keys).
+  On a host with a high matmul roof (AVX-512: 270-290 GFLOP/s on 2 cores) the
+  score and value dots alone reach only ~0.7 of it (a contraction over D = 64,
+  or over a 256-key tile) and the whole tile ~0.54.
 * layout copies: the optimized HLO of a 512-token step copies/transposes
   ~0.3 GB (the per-layer query and output transposes to and from head-major,
   the k/v transposes of the cache write: O(T * H) each, a few % of the step);
@@ -364,7 +368,7 @@ def blockwise_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Arr
     k_min = jnp.min(jnp.where(k_ok, k_index[:, k_cols], big), axis=-1)     # [B, nk]
     needed = jnp.any(k_min[:, None, :] <= q_max[:, :, None], axis=0)       # [nq, nk]
     # Fully visible tiles (every key valid and before every query, no segments)
-    # skip the mask: on CPU the select is one of four passes over the scores.
+    # skip the mask: on CPU the select is one more pass over the scores.
     q_min = jnp.min(q_index[:, q_rows], axis=-1)                           # [B, nq]
     k_max = jnp.max(jnp.where(k_ok, k_index[:, k_cols], -big), axis=-1)    # [B, nk]
     k_full = jnp.all(k_ok, axis=-1)  # [B, nk]; a clamped last tile is never full (overlap masked)
