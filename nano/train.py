@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lwm_serve.model import checkpoint
@@ -266,7 +267,10 @@ def train_lm(tok, vq_params, recipe: Recipe, log: dict[str, Any],
     schedule = optax.warmup_cosine_decay_schedule(0.0, recipe.lr, recipe.warmup, recipe.steps, recipe.lr * 0.05)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.98, weight_decay=0.01))
     opt_state = optimizer.init(params)
-    update = tl.make_update(cfg, optimizer, vf.NUM_USED, recipe.vision_weight)
+    pin = tl.pin_offset_heads(cfg, tuple(recipe.frame_heads)) if recipe.frame_heads else None
+    if pin is not None:
+        params = jax.tree_util.tree_map(np.asarray, pin(jax.tree_util.tree_map(jnp.asarray, params)))
+    update = tl.make_update(cfg, optimizer, vf.NUM_USED, recipe.vision_weight, pin)
     batches = _batches(seqs, recipe, rng)
     losses: list[tuple[int, bool, float]] = []
     probes: list[tuple[int, dict[str, Any]]] = []

@@ -244,6 +244,37 @@ def test_offset_heads_start_out_attending_their_distance():
     assert np.abs(wte[:, -1]).mean() < 2 * np.abs(wte[:, :-1]).mean()
 
 
+def test_pinned_offset_heads_survive_updates_that_would_wash_them_out():
+    cfg = model_config.from_preset("nano").replace(scan_layers=False, num_hidden_layers=2)
+    offsets = (257, 256, 258, 241, 273)  # the fifth head sits in the second layer
+    rng = np.random.default_rng(1)
+    params = tl.init_model(cfg, seed=0, code_features=rng.normal(size=(vf.NUM_USED, vf.NUM_SIGNALS)),
+                           frame_heads=offsets)
+    pin = tl.pin_offset_heads(cfg, offsets)
+    # Updates as big as the first steps': every weight moved by noise of its own size.
+    noisy = jax.tree_util.tree_map(lambda w: w + rng.normal(size=w.shape).astype(w.dtype) * (np.std(w) + 0.02),
+                                   params)
+    t = 700
+    ids = rng.integers(0, vf.NUM_USED, (1, t))
+    rows = np.arange(300, t, 37)
+    washed = _first_layer_attention(noisy, cfg, ids, np.ones((1, t), bool))
+    assert washed[0, rows, rows - 257].mean() < 0.5
+    pinned = pin(jax.tree_util.tree_map(jnp.asarray, noisy))
+    probs = _first_layer_attention(pinned, cfg, ids, np.ones((1, t), bool))
+    for head, offset in enumerate(offsets[:4]):
+        mass = probs[head, rows, rows - offset]
+        assert mass.min() > 0.5 and mass.mean() > 0.8, (offset, mass.min(), mass.mean())
+    # The rest of the model keeps its update: only the constructed entries are put back.
+    h = cfg.hidden_size - 1
+    w1 = pinned["transformer"]["h"]["0"]["feed_forward"]["w1"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(w1), noisy["transformer"]["h"]["0"]["feed_forward"]["w1"]["kernel"])
+    assert not np.asarray(pinned["transformer"]["h"]["1"]["feed_forward"]["w2"]["kernel"])[:, h].any()
+    # Pinning twice changes nothing.
+    again = pin(pinned)
+    for a, b in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(pinned)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_motion_weights_fall_on_the_objects_of_later_frames(tok):
     from lwm_serve.nano import train as nt
 
