@@ -66,8 +66,9 @@ class Recipe:
     # Loss weight of the next-code targets where an object stands in a video's later frames
     # (the codes that are not the background's): the only codes that tell what moved where.
     motion_weight: float = 1.0
-    # Offsets the first heads start out attending to (train_lm.init_model): 257 is the same
-    # patch one frame back, 256/258 its right/left neighbours there, 241/273 below/above.
+    # Offsets the first layer's heads attend to, built and pinned (train_lm.init_model,
+    # pin_offset_heads; at most one per head): 257 is the same patch one frame back,
+    # 256/258 its right/left neighbours there, 241/273 below/above.
     frame_heads: tuple[int, ...] = ()
     video_objects: int = 0  # training videos hold this many objects (0: the world's 1-3)
     video_frames: int = 0  # training videos have this many frames (0: the world's 4-8)
