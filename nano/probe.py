@@ -99,3 +99,41 @@ def accuracy(params, cfg: ModelConfig, probe: Probe, attention_fn) -> dict[str, 
     result["all"] = sum(right.values()) / max(1, sum(total.values()))
     result["n"] = dict(total)
     return result
+
+
+def next_code_by_frame(params, cfg: ModelConfig, tok, vq_params, attention_fn, videos: int = 20,
+                       num_frames: int = 4, seed_offset: int = 0) -> dict[tuple[str, int], float]:
+    """Top-1 next-code accuracy on the object codes of held-out one-object videos, per frame.
+
+    {("still" | "moving", frame index): share right}. A still object's codes repeat
+    from frame to frame (the VQGAN gives a patch the same code whatever else the frame
+    holds), so a model that reads the frame before predicts frames 2.. of a still object
+    nearly perfectly, and better than frame 1; equal shares mean it does not look back,
+    which is what motion needs (`train_lm.pin_offset_heads`).
+    """
+    right: dict[tuple[str, int], int] = defaultdict(int)
+    total: dict[tuple[str, int], int] = defaultdict(int)
+    for i in range(videos):
+        scene = world.scene_from_seed(world.HELD_OUT_SEED_BASE + 700_000 + seed_offset + i, "video",
+                                      num_frames=num_frames, num_objects=1)
+        codes = vf.fast_codes(vq_params, _frames(scene, "video"), batch=8).reshape(num_frames, -1)
+        seq = nd.qa_sequence(tok, codes, nq.questions_for(scene, "video")[:1], "standard", "video")
+        batch = nd.make_batch([seq], len(seq))
+        out = transformer.forward(params, cfg, jnp.asarray(batch.ids), jnp.asarray(batch.vision),
+                                  jnp.asarray(batch.positions), attention_mask=jnp.asarray(batch.valid),
+                                  heads=(), output_hidden_states=True, attention_fn=attention_fn)
+        kernel = params["vision_head"]["kernel"][:, : vf.NUM_USED]
+        top = np.asarray(jnp.argmax(out.hidden_states[-1][0] @ kernel, axis=-1))
+        target = batch.target[0]
+        # The frames' codes are the vision targets below NUM_USED, frame after frame.
+        where = np.flatnonzero(batch.target_vision[0] & (target >= 0) & (target < vf.NUM_USED))
+        where = where[: codes.size].reshape(num_frames, -1)
+        if not np.array_equal(target[where], codes):
+            raise AssertionError("the vision targets are not the video's codes in order")
+        background = np.bincount(codes.ravel()).argmax()
+        motion = "still" if scene.objects[0].direction == "still" else "moving"
+        for f in range(num_frames):
+            on_object = where[f][target[where[f]] != background]
+            right[(motion, f)] += int(np.sum(top[on_object] == target[on_object]))
+            total[(motion, f)] += len(on_object)
+    return {k: right[k] / total[k] for k in sorted(total) if total[k]}

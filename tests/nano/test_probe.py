@@ -48,3 +48,16 @@ def test_the_shipped_model_names_the_colour_of_a_lone_object_and_a_blank_head_no
     assert lone and all(acc[k] == 1.0 for k in lone), acc
     blank = dict(params, lm_head={"kernel": np.zeros_like(params["lm_head"]["kernel"])})
     assert probe.accuracy(blank, cfg, held_out, tl.causal_blocked_attention)["all"] == 0.0
+
+
+def test_next_code_by_frame_reads_each_frame_s_object_codes(shipped):
+    cfg, params, vq_params, tok = shipped
+    shares = probe.next_code_by_frame(params, cfg, tok, vq_params, tl.causal_blocked_attention, videos=6)
+    frames = {f for _, f in shares}
+    assert frames == {0, 1, 2, 3} and all(0.0 <= v <= 1.0 for v in shares.values())
+    # The shipped model has learnt the frame's own shapes (about half the object codes right,
+    # against 1/1024 by chance): targets out of step with the codes would give next to nothing.
+    assert min(shares.values()) > 0.2, shares
+    blank = dict(params, vision_head={"kernel": np.zeros_like(params["vision_head"]["kernel"])})
+    zeros = probe.next_code_by_frame(blank, cfg, tok, vq_params, tl.causal_blocked_attention, videos=6)
+    assert max(zeros.values()) < 0.05, zeros
