@@ -87,6 +87,11 @@ def _answer(tok, writer: _Writer, reply: str, kind: str | None = None, answer_we
     writer.add(ids + [tok.eos_id], trained=True, weights=weights)
 
 
+def background_code(codes: np.ndarray) -> int:
+    """The commonest code of a medium: its black background's (objects cover less than half)."""
+    return int(np.bincount(np.asarray(codes).ravel()).argmax())
+
+
 def qa_sequence(tok, codes: np.ndarray, qas: Sequence[nq.QA], layout: vl.FrameLayout, kind: str,
                 answer_weight: float = 1.0, code_weight: np.ndarray | None = None) -> Sequence_:
     """A video/image (codes [F, 256]) with its questions as successive turns.

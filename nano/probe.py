@@ -113,6 +113,7 @@ def next_code_by_frame(params, cfg: ModelConfig, tok, vq_params, attention_fn, v
     """
     right: dict[tuple[str, int], int] = defaultdict(int)
     total: dict[tuple[str, int], int] = defaultdict(int)
+    kernel = params["vision_head"]["kernel"][:, : vf.NUM_USED]
     for i in range(videos):
         scene = world.scene_from_seed(world.HELD_OUT_SEED_BASE + 700_000 + seed_offset + i, "video",
                                       num_frames=num_frames, num_objects=1)
@@ -122,7 +123,6 @@ def next_code_by_frame(params, cfg: ModelConfig, tok, vq_params, attention_fn, v
         out = transformer.forward(params, cfg, jnp.asarray(batch.ids), jnp.asarray(batch.vision),
                                   jnp.asarray(batch.positions), attention_mask=jnp.asarray(batch.valid),
                                   heads=(), output_hidden_states=True, attention_fn=attention_fn)
-        kernel = params["vision_head"]["kernel"][:, : vf.NUM_USED]
         top = np.asarray(jnp.argmax(out.hidden_states[-1][0] @ kernel, axis=-1))
         target = batch.target[0]
         # The frames' codes are the vision targets below NUM_USED, frame after frame.
@@ -130,7 +130,7 @@ def next_code_by_frame(params, cfg: ModelConfig, tok, vq_params, attention_fn, v
         where = where[: codes.size].reshape(num_frames, -1)
         if not np.array_equal(target[where], codes):
             raise AssertionError("the vision targets are not the video's codes in order")
-        background = np.bincount(codes.ravel()).argmax()
+        background = nd.background_code(codes)
         motion = "still" if scene.objects[0].direction == "still" else "moving"
         for f in range(num_frames):
             on_object = where[f][target[where[f]] != background]

@@ -155,9 +155,7 @@ def _motion_weights(codes: np.ndarray, weight: float) -> np.ndarray | None:
     """[F, 256]: `weight` at the object codes of frames after the first, 1 elsewhere."""
     if weight == 1.0:
         return None
-    values, counts = np.unique(codes, return_counts=True)
-    background = values[np.argmax(counts)]
-    out = np.where(codes != background, weight, 1.0).astype(np.float32)
+    out = np.where(codes != nd.background_code(codes), weight, 1.0).astype(np.float32)
     out[0] = 1.0
     return out
 
